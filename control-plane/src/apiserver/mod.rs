@@ -1,0 +1,604 @@
+//! The HTTPS API server: TLS, bearer-token authentication, Kubernetes paths and verbs.
+//!
+//! Only this module knows HTTP. It decodes requests, calls [`Objects`], and encodes results
+//! and errors as Kubernetes JSON (`Status` for every failure).
+
+mod discovery;
+mod watch;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmctl_api::meta::DeleteOptions;
+use wasmctl_api::registry::{self, ResourceInfo};
+use wasmctl_api::table::{self, IncludeObject};
+use wasmctl_api::{FieldSelector, Selector};
+
+use crate::error::ApiError;
+use crate::objects::{ListOptions, Objects, Subresource};
+
+pub use discovery::arch;
+
+/// Largest request body accepted (kube-apiserver's limit is 3 MiB).
+const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Tunables of the API server.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Open connections at once; further connections wait in the accept queue.
+    pub max_connections: usize,
+    /// Concurrent watches; more get 429.
+    pub max_watches: usize,
+    /// Interval between bookmarks for watches that ask for them.
+    pub bookmark_interval: Duration,
+    /// Upper bound of a watch's lifetime when the client gives no `timeoutSeconds`.
+    pub max_watch_duration: Duration,
+}
+
+impl ApiConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        ApiConfig {
+            listen,
+            max_connections: 1024,
+            max_watches: 2048,
+            bookmark_interval: Duration::from_secs(60),
+            max_watch_duration: Duration::from_secs(1800),
+        }
+    }
+}
+
+pub struct ApiState {
+    pub objects: Objects,
+    pub token: String,
+    pub config: ApiConfig,
+    pub watches: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    pub server_address: String,
+}
+
+/// Serve until `shutdown` fires, then stop accepting, end watches, and wait for in-flight
+/// requests.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<ApiState>,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let conns = Arc::new(Semaphore::new(state.config.max_connections));
+    let tracker = TaskTracker::new();
+    let shutdown = state.shutdown.clone();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = conns.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, req).await) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+                }
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+pub fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+    let mut body = serde_json::to_vec(v).expect("JSON values serialise");
+    body.push(b'\n');
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body))
+        .expect("valid response")
+}
+
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    let st = e.to_status();
+    let code = StatusCode::from_u16(st.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = json_response(code, &serde_json::to_value(&st).expect("status serialises"));
+    if code == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"wasmctl\""),
+        );
+    }
+    if matches!(code.as_u16(), 429 | 503) {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(state: &ApiState, req: &Request<Incoming>) -> bool {
+    let Some(h) = req.headers().get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let Ok(h) = h.to_str() else { return false };
+    let Some(token) = h
+        .strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(token.trim().as_bytes(), state.token.as_bytes())
+}
+
+async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let start = std::time::Instant::now();
+    let resp = match route_request(state, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64, "request");
+    resp
+}
+
+/// What a path names.
+enum Route {
+    Health,
+    Version,
+    Api,
+    Apis,
+    Group(String),
+    Resources(String, String),
+    Collection {
+        info: &'static ResourceInfo,
+        ns: Option<String>,
+    },
+    Item {
+        info: &'static ResourceInfo,
+        ns: Option<String>,
+        name: String,
+        sub: Option<String>,
+    },
+}
+
+fn parse_route(path: &str) -> Result<Route, ApiError> {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        ["healthz" | "livez" | "readyz", ..] => Ok(Route::Health),
+        ["version"] => Ok(Route::Version),
+        ["api"] => Ok(Route::Api),
+        ["api", v] => Ok(Route::Resources(String::new(), v.to_string())),
+        ["api", v, rest @ ..] => resource_route("", v, rest),
+        ["apis"] => Ok(Route::Apis),
+        ["apis", g] => Ok(Route::Group(g.to_string())),
+        ["apis", g, v] => Ok(Route::Resources(g.to_string(), v.to_string())),
+        ["apis", g, v, rest @ ..] => resource_route(g, v, rest),
+        _ => Err(ApiError::UnknownPath),
+    }
+}
+
+fn resource_route(group: &str, version: &str, rest: &[&str]) -> Result<Route, ApiError> {
+    let lookup =
+        |plural: &str| registry::by_plural(group, version, plural).ok_or(ApiError::UnknownPath);
+    if let ["namespaces", ns, plural, tail @ ..] = rest {
+        if let Some(info) = registry::by_plural(group, version, plural).filter(|i| i.namespaced) {
+            let ns = Some(ns.to_string());
+            return match tail {
+                [] => Ok(Route::Collection { info, ns }),
+                [name] => Ok(Route::Item {
+                    info,
+                    ns,
+                    name: name.to_string(),
+                    sub: None,
+                }),
+                [name, sub] => Ok(Route::Item {
+                    info,
+                    ns,
+                    name: name.to_string(),
+                    sub: Some(sub.to_string()),
+                }),
+                _ => Err(ApiError::UnknownPath),
+            };
+        }
+    }
+    match rest {
+        [plural] => Ok(Route::Collection {
+            info: lookup(plural)?,
+            ns: None,
+        }),
+        [plural, name] => {
+            let info = lookup(plural)?;
+            if info.namespaced {
+                return Err(ApiError::UnknownPath);
+            }
+            Ok(Route::Item {
+                info,
+                ns: None,
+                name: name.to_string(),
+                sub: None,
+            })
+        }
+        [plural, name, sub] => {
+            let info = lookup(plural)?;
+            if info.namespaced {
+                return Err(ApiError::UnknownPath);
+            }
+            Ok(Route::Item {
+                info,
+                ns: None,
+                name: name.to_string(),
+                sub: Some(sub.to_string()),
+            })
+        }
+        _ => Err(ApiError::UnknownPath),
+    }
+}
+
+/// Query parameters of a request.
+pub struct Query(HashMap<String, String>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Self {
+        Query(
+            url::form_urlencoded::parse(q.unwrap_or("").as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+    pub fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("1" | "true" | "True"))
+    }
+    pub fn int(&self, k: &str) -> Result<Option<i64>, ApiError> {
+        self.get(k)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| ApiError::BadRequest(format!("{k}: invalid integer {v:?}")))
+            })
+            .transpose()
+    }
+}
+
+fn list_options(q: &Query) -> Result<ListOptions, ApiError> {
+    let labels = Selector::parse(q.get("labelSelector").unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("unable to parse requirement: {e}")))?;
+    let fields =
+        FieldSelector::parse(q.get("fieldSelector").unwrap_or("")).map_err(ApiError::BadRequest)?;
+    let limit = q.int("limit")?.unwrap_or(0);
+    if limit < 0 {
+        return Err(ApiError::BadRequest(format!(
+            "limit: must be >= 0, got {limit}"
+        )));
+    }
+    Ok(ListOptions {
+        labels,
+        fields,
+        limit: limit as usize,
+        continue_token: q
+            .get("continue")
+            .filter(|c| !c.is_empty())
+            .map(String::from),
+    })
+}
+
+/// Does the client ask for a `Table` (`kubectl get`, `wasmctl get`)?
+fn wants_table(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .next()
+                .is_some_and(|first| first.contains("as=Table"))
+        })
+}
+
+fn include_object(q: &Query) -> IncludeObject {
+    match q.get("includeObject") {
+        Some("None") => IncludeObject::None,
+        Some("Object") => IncludeObject::Object,
+        _ => IncludeObject::Metadata,
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<(Option<String>, Bytes), ApiError> {
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::TooLarge(format!("the request body exceeds {MAX_BODY_BYTES} bytes"))
+            } else {
+                ApiError::BadRequest(format!("reading the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    Ok((ct, body))
+}
+
+fn parse_json_body(ct: Option<&str>, body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest("the request body is empty".into()));
+    }
+    match ct {
+        Some("application/yaml") => serde_yaml::from_slice::<Value>(body)
+            .map_err(|e| ApiError::BadRequest(format!("the request body is not valid YAML: {e}"))),
+        _ => serde_json::from_slice::<Value>(body)
+            .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}"))),
+    }
+}
+
+async fn route_request(
+    state: Arc<ApiState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let route = parse_route(req.uri().path())?;
+    if matches!(route, Route::Health) {
+        return Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(full("ok"))
+            .expect("valid response"));
+    }
+    if matches!(route, Route::Version) {
+        // Like kube-apiserver's system:public-info-viewer: the version is public.
+        return Ok(json_response(StatusCode::OK, &discovery::version()));
+    }
+    if !authorized(&state, &req) {
+        return Err(ApiError::Unauthorized);
+    }
+    let q = Query::parse(req.uri().query());
+    let method = req.method().clone();
+    let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
+    match route {
+        Route::Health => unreachable!("handled above"),
+        Route::Version => ok(discovery::version()),
+        Route::Api => ok(discovery::api_versions(&state.server_address)),
+        Route::Apis => ok(discovery::api_group_list()),
+        Route::Group(g) => discovery::api_group(&g).map_or(Err(ApiError::UnknownPath), ok),
+        Route::Resources(g, v) => {
+            discovery::resource_list(&g, &v).map_or(Err(ApiError::UnknownPath), ok)
+        }
+        Route::Collection { info, ns } => {
+            let ns = ns.as_deref();
+            match method {
+                Method::GET if q.flag("watch") => {
+                    watch::watch(state, info, ns, &q, wants_table(&req)).await
+                }
+                Method::GET => {
+                    let opts = list_options(&q)?;
+                    let page = state.objects.list(info, ns, &opts).await?;
+                    if wants_table(&req) {
+                        return ok(table::table(
+                            info,
+                            &page.items,
+                            &page.resource_version.to_string(),
+                            page.continue_token.as_deref(),
+                            include_object(&q),
+                            chrono::Utc::now(),
+                        ));
+                    }
+                    let mut meta = json!({"resourceVersion": page.resource_version.to_string()});
+                    if let Some(c) = page.continue_token {
+                        meta["continue"] = json!(c);
+                    }
+                    ok(json!({
+                        "kind": format!("{}List", info.kind),
+                        "apiVersion": info.api_version(),
+                        "metadata": meta,
+                        "items": page.items,
+                    }))
+                }
+                Method::POST => {
+                    let dry_run = q.get("dryRun").is_some();
+                    if dry_run {
+                        return Err(ApiError::BadRequest("dryRun is not supported".into()));
+                    }
+                    let (ct, body) = read_body(req).await?;
+                    let v = parse_json_body(ct.as_deref(), &body)?;
+                    let created = state.objects.create(info, ns, v).await?;
+                    Ok(json_response(StatusCode::CREATED, &created))
+                }
+                Method::DELETE => {
+                    let opts = list_options(&q)?;
+                    let (_, body) = read_body(req).await?;
+                    let dopts = delete_options(&q, &body)?;
+                    let page = state.objects.list(info, ns, &opts).await?;
+                    let mut deleted = Vec::new();
+                    for item in page.items {
+                        let name = item["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string();
+                        let item_ns = item["metadata"]["namespace"].as_str().map(String::from);
+                        match state
+                            .objects
+                            .delete(info, item_ns.as_deref(), &name, &dopts)
+                            .await
+                        {
+                            Ok(v) => deleted.push(v),
+                            Err(ApiError::NotFound { .. }) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    ok(json!({
+                        "kind": format!("{}List", info.kind),
+                        "apiVersion": info.api_version(),
+                        "metadata": {"resourceVersion": state.objects.store().revision().to_string()},
+                        "items": deleted,
+                    }))
+                }
+                _ => Err(ApiError::MethodNotAllowed),
+            }
+        }
+        Route::Item {
+            info,
+            ns,
+            name,
+            sub,
+        } => {
+            let ns = ns.as_deref();
+            let sub = match sub.as_deref() {
+                None => Subresource::Main,
+                Some("status") if info.status_subresource => Subresource::Status,
+                Some(_) => return Err(ApiError::UnknownPath),
+            };
+            match method {
+                Method::GET => {
+                    let obj = state.objects.get(info, ns, &name).await?;
+                    if wants_table(&req) {
+                        let rv = obj["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string();
+                        return ok(table::table(
+                            info,
+                            &[obj],
+                            &rv,
+                            None,
+                            include_object(&q),
+                            chrono::Utc::now(),
+                        ));
+                    }
+                    ok(obj)
+                }
+                Method::PUT => {
+                    let (ct, body) = read_body(req).await?;
+                    let v = parse_json_body(ct.as_deref(), &body)?;
+                    ok(state.objects.update(info, ns, &name, v, sub).await?)
+                }
+                Method::PATCH => {
+                    let (ct, body) = read_body(req).await?;
+                    let patch = parse_json_body(Some("application/json"), &body)?;
+                    match ct.as_deref() {
+                        Some(
+                            "application/merge-patch+json"
+                            | "application/strategic-merge-patch+json",
+                        ) => ok(state.objects.patch(info, ns, &name, patch, sub).await?),
+                        Some("application/json-patch+json") => ok(state
+                            .objects
+                            .json_patch(info, ns, &name, patch, sub)
+                            .await?),
+                        other => Err(ApiError::UnsupportedMediaType(format!(
+                            "the body of the request was in an unknown format ({}); accepted: \
+                             application/merge-patch+json, application/strategic-merge-patch+json \
+                             (applied as a merge patch), application/json-patch+json",
+                            other.unwrap_or("none")
+                        ))),
+                    }
+                }
+                Method::DELETE => {
+                    if sub != Subresource::Main {
+                        return Err(ApiError::MethodNotAllowed);
+                    }
+                    let (_, body) = read_body(req).await?;
+                    let opts = delete_options(&q, &body)?;
+                    ok(state.objects.delete(info, ns, &name, &opts).await?)
+                }
+                _ => Err(ApiError::MethodNotAllowed),
+            }
+        }
+    }
+}
+
+fn delete_options(q: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
+    let mut opts: DeleteOptions = if body.iter().all(u8::is_ascii_whitespace) {
+        DeleteOptions::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid DeleteOptions: {e}")))?
+    };
+    if let Some(g) = q.int("gracePeriodSeconds")? {
+        opts.grace_period_seconds = Some(g);
+    }
+    if let Some(p) = q.get("propagationPolicy") {
+        opts.propagation_policy = Some(p.to_string());
+    }
+    if !opts.dry_run.is_empty() || q.get("dryRun").is_some() {
+        return Err(ApiError::BadRequest("dryRun is not supported".into()));
+    }
+    Ok(opts)
+}

@@ -1,0 +1,217 @@
+//! WATCH: a chunked stream of `{"type": ..., "object": ...}` lines, replayed from the store's
+//! retained history and then live, filtered by label and field selectors with Kubernetes'
+//! transition semantics (an object that stops matching is reported DELETED).
+//!
+//! Bounded: the number of watches is capped by a semaphore; each watch has a small frame
+//! queue, and a client that does not read falls behind the store's broadcast buffer and is
+//! ended with a 410 `Expired` error event.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use wasmctl_api::registry::ResourceInfo;
+use wasmctl_api::table::{self, IncludeObject};
+use wasmctl_store::{EventKind, WatchEvent};
+
+use super::{list_options, ApiState, Body, Query};
+use crate::error::ApiError;
+use crate::objects::{decode_kv, ListOptions, Objects};
+
+/// Frames buffered per watch between the producer task and the connection.
+const WATCH_QUEUE: usize = 64;
+
+struct Encoder {
+    info: &'static ResourceInfo,
+    table: bool,
+    sent_columns: bool,
+}
+
+impl Encoder {
+    fn event(&mut self, type_: &str, obj: &Value) -> Bytes {
+        let object = if self.table && type_ != "BOOKMARK" && type_ != "ERROR" {
+            let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
+            let mut t = table::table(
+                self.info,
+                std::slice::from_ref(obj),
+                rv,
+                None,
+                IncludeObject::Metadata,
+                chrono::Utc::now(),
+            );
+            if self.sent_columns {
+                t["columnDefinitions"] = json!([]);
+            }
+            self.sent_columns = true;
+            t
+        } else {
+            obj.clone()
+        };
+        let mut line =
+            serde_json::to_vec(&json!({"type": type_, "object": object})).expect("serialises");
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+
+    fn bookmark(&self, rev: u64, initial_end: bool) -> Bytes {
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if initial_end {
+            meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        let obj = json!({"kind": self.info.kind, "apiVersion": self.info.api_version(), "metadata": meta});
+        let mut line =
+            serde_json::to_vec(&json!({"type": "BOOKMARK", "object": obj})).expect("serialises");
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+}
+
+/// Translate one store event into at most one watch event for this watcher.
+fn translate(
+    objects: &Objects,
+    opts: &ListOptions,
+    ev: &WatchEvent,
+) -> Option<(&'static str, Value)> {
+    let prev = ev.prev.as_ref().and_then(|kv| decode_kv(kv).ok());
+    let prev_match = prev.as_ref().is_some_and(|p| objects.matches(p, opts));
+    match ev.kind {
+        EventKind::Put => {
+            let new = decode_kv(ev.value.as_ref()?).ok()?;
+            let new_match = objects.matches(&new, opts);
+            match (prev.is_some() && prev_match, new_match) {
+                (true, true) => Some(("MODIFIED", new)),
+                (false, true) => Some(("ADDED", new)),
+                (true, false) => {
+                    // Stopped matching: report it gone, at this revision.
+                    Some(("DELETED", new))
+                }
+                (false, false) => None,
+            }
+        }
+        EventKind::Delete => {
+            let mut p = prev?;
+            if !prev_match {
+                return None;
+            }
+            p["metadata"]["resourceVersion"] = json!(ev.revision.to_string());
+            Some(("DELETED", p))
+        }
+    }
+}
+
+pub async fn watch(
+    state: Arc<ApiState>,
+    info: &'static ResourceInfo,
+    ns: Option<&str>,
+    q: &Query,
+    as_table: bool,
+) -> Result<Response<Body>, ApiError> {
+    let permit = state
+        .watches
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyRequests("too many open watches; retry later".into()))?;
+    let opts = list_options(q)?;
+    let list_opts = ListOptions {
+        labels: opts.labels.clone(),
+        fields: opts.fields.clone(),
+        limit: 0,
+        continue_token: None,
+    };
+    let bookmarks = q.flag("allowWatchBookmarks");
+    let send_initial = q.get("sendInitialEvents").map(|v| v == "true");
+    let timeout = match q.int("timeoutSeconds")? {
+        Some(s) if s > 0 => Duration::from_secs(s as u64).min(state.config.max_watch_duration),
+        _ => state.config.max_watch_duration,
+    };
+    let rv = q.get("resourceVersion").filter(|v| !v.is_empty());
+    let objects = state.objects.clone();
+
+    // Unset or "0": start with the current state as ADDED events (as kube-apiserver does),
+    // as does sendInitialEvents=true.
+    let initial_state = matches!(rv, None | Some("0")) || send_initial == Some(true);
+    let (initial, start_rev) = if initial_state {
+        let page = objects.list(info, ns, &list_opts).await?;
+        (page.items, page.resource_version)
+    } else {
+        let rv = rv.unwrap_or("0");
+        let n = rv
+            .parse::<u64>()
+            .map_err(|_| ApiError::BadRequest(format!("resourceVersion: invalid value {rv:?}")))?;
+        (Vec::new(), n)
+    };
+    let mut events = objects.store().watch(&info.key_prefix(ns), start_rev)?;
+
+    let (tx, rx) = mpsc::channel::<Bytes>(WATCH_QUEUE);
+    let shutdown = state.shutdown.clone();
+    let bookmark_every = state.config.bookmark_interval;
+    let mut enc = Encoder {
+        info,
+        table: as_table,
+        sent_columns: false,
+    };
+    // The producer ends when the client goes away (send fails), the deadline passes, the
+    // server shuts down, or the watch falls behind.
+    tokio::spawn(async move {
+        let _permit = permit;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last_rev = start_rev;
+        for obj in &initial {
+            if tx.send(enc.event("ADDED", obj)).await.is_err() {
+                return;
+            }
+        }
+        if send_initial == Some(true) && tx.send(enc.bookmark(start_rev, true)).await.is_err() {
+            return;
+        }
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + bookmark_every, bookmark_every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tx.closed() => return,
+                _ = ticker.tick(), if bookmarks => {
+                    if tx.send(enc.bookmark(last_rev, false)).await.is_err() {
+                        return;
+                    }
+                }
+                ev = events.next() => match ev {
+                    None => return,
+                    Some(Err(e)) => {
+                        let err = ApiError::from(e);
+                        let st = serde_json::to_value(err.to_status()).expect("status serialises");
+                        let _ = tx.send(enc.event("ERROR", &st)).await;
+                        return;
+                    }
+                    Some(Ok(ev)) => {
+                        last_rev = ev.revision;
+                        if let Some((t, obj)) = translate(&objects, &list_opts, &ev) {
+                            if tx.send(enc.event(t, &obj)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    });
+
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(StreamBody::new(stream).boxed())
+        .expect("valid response"))
+}

@@ -1,0 +1,13 @@
+//! The wasmctl control plane: the generic object registry on top of the Raft-replicated
+//! store, and the Kubernetes-shaped HTTPS API server in front of it.
+
+pub mod apiserver;
+pub mod error;
+pub mod objects;
+pub mod patch;
+pub mod pki;
+pub mod server;
+
+pub use error::ApiError;
+pub use objects::Objects;
+pub use server::{Server, ServerConfig};

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what building and testing wasmctl needs on a fresh Debian machine. Idempotent.
+set -euo pipefail
+
+need_apt=()
+# RocksDB's bindgen needs libclang; its C++ build needs a compiler.
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# Tests drive the stock kubectl; `dig` arrives with the DNS issue.
+command -v kubectl >/dev/null 2>&1 || need_apt+=(kubectl)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${need_apt[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+# Guest components (wasi-apps/) target wasm32-wasip2.
+if command -v rustup >/dev/null 2>&1; then
+  rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+fi

@@ -1,0 +1,87 @@
+//! `wasmctl server`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use wasmctl_control_plane::{Server, ServerConfig};
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Where the store, certificates and kubeconfig live.
+    #[arg(long, default_value_os_t = wasmctl_client::default_data_dir())]
+    pub data_dir: PathBuf,
+    /// Address of the HTTPS API.
+    #[arg(long, default_value = "127.0.0.1:6443", value_parser = crate::parse_addr)]
+    pub listen: SocketAddr,
+    /// Store events kept for watches to resume from; older revisions answer 410 Gone.
+    #[arg(long, default_value_t = 10_000)]
+    pub watch_history: u64,
+    /// Interval between watch bookmarks (for watches that ask for them).
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
+    pub bookmark_interval: Duration,
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Concurrent watches; more get 429.
+    #[arg(long, default_value_t = 2048)]
+    pub max_watches: usize,
+    /// Extra DNS names or IPs for the serving certificate.
+    #[arg(long = "tls-san")]
+    pub tls_sans: Vec<String>,
+    /// Raft log entries between snapshots.
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_logs: u64,
+}
+
+impl ServerArgs {
+    pub fn config(&self) -> ServerConfig {
+        let mut cfg = ServerConfig::new(&self.data_dir, self.listen);
+        cfg.watch_history = self.watch_history;
+        cfg.bookmark_interval = self.bookmark_interval;
+        cfg.max_connections = self.max_connections;
+        cfg.max_watches = self.max_watches;
+        cfg.tls_sans = self.tls_sans.clone();
+        cfg.snapshot_logs = self.snapshot_logs;
+        cfg
+    }
+}
+
+/// Cancel `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = token.cancelled() => return,
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+}
+
+pub async fn run(args: ServerArgs) -> Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let server = Server::start(args.config(), shutdown.clone()).await?;
+    println!("API server listening on {}", server.url);
+    println!("kubeconfig: {}", server.kubeconfig_path.display());
+    println!(
+        "try: wasmctl --kubeconfig {} get nodes,pods -A",
+        server.kubeconfig_path.display()
+    );
+    server.wait().await?;
+    Ok(ExitCode::SUCCESS)
+}

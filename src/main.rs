@@ -1,0 +1,81 @@
+//! `wasmctl`: one binary for the control plane (`server`), the node agent (`agent`), the
+//! all-in-one cluster (`up`), and the kubectl-like client verbs.
+
+mod cli;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "wasmctl",
+    version,
+    about = "A Kubernetes-style orchestrator whose pods are WebAssembly components"
+)]
+struct Cli {
+    /// Kubeconfig for client verbs (else $KUBECONFIG, else ~/.wasmctl/kubeconfig.yaml).
+    #[arg(long, global = true, env = "WASMCTL_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: Raft-backed store and the HTTPS API server.
+    Server(cli::server::ServerArgs),
+    /// Create or update objects from YAML files (multi-document), a directory, or stdin (-).
+    Apply(cli::apply::ApplyArgs),
+    /// Show objects as a table, YAML or JSON; -w keeps watching.
+    Get(cli::get::GetArgs),
+    /// Show one object in detail, with its events.
+    Describe(cli::describe::DescribeArgs),
+    /// Delete objects by kind and name, or those in files.
+    Delete(cli::delete::DeleteArgs),
+    /// Print the client and server versions.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let server_side = matches!(cli.command, Command::Server(_));
+    cli::init_tracing(server_side);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let kubeconfig = cli.kubeconfig.clone();
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Server(a) => cli::server::run(a).await,
+            Command::Apply(a) => cli::apply::run(kubeconfig.as_deref(), a).await,
+            Command::Get(a) => cli::get::run(kubeconfig.as_deref(), a).await,
+            Command::Describe(a) => cli::describe::run(kubeconfig.as_deref(), a).await,
+            Command::Delete(a) => cli::delete::run(kubeconfig.as_deref(), a).await,
+            Command::Version => cli::version(kubeconfig.as_deref()).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{}", cli::render_error(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parse `127.0.0.1:6443`.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|e| {
+        format!("invalid address {s:?}: {e} (expected HOST:PORT, e.g. 127.0.0.1:6443)")
+    })
+}

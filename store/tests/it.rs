@@ -1,0 +1,548 @@
+//! Store API tests on a real RocksDB in temporary directories.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use wasmctl_store::{
+    EventKind, KeyValue, Op, OpResult, Precondition, Store, StoreConfig, StoreError, WatchEvent,
+    WatchStream,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config(dir: &Path) -> StoreConfig {
+    StoreConfig::new(dir)
+}
+
+async fn open(cfg: StoreConfig) -> Store {
+    tokio::time::timeout(Duration::from_secs(40), Store::open(cfg))
+        .await
+        .expect("open timed out")
+        .expect("open")
+}
+
+fn put(key: &str, value: &str, precondition: Precondition) -> Op {
+    Op::Put {
+        key: key.to_owned(),
+        value: value.as_bytes().to_vec(),
+        precondition,
+    }
+}
+
+fn delete(key: &str, precondition: Precondition) -> Op {
+    Op::Delete {
+        key: key.to_owned(),
+        precondition,
+    }
+}
+
+async fn write1(store: &Store, op: Op) -> OpResult {
+    let mut results = store.write(vec![op]).await.expect("write");
+    assert_eq!(results.len(), 1);
+    results.remove(0)
+}
+
+fn ok_revision(result: &OpResult) -> u64 {
+    match result {
+        OpResult::Ok { revision, .. } => *revision,
+        other => panic!("expected Ok, got {other:?}"),
+    }
+}
+
+async fn next_event(watch: &mut WatchStream) -> Result<WatchEvent, StoreError> {
+    tokio::time::timeout(WAIT, watch.next())
+        .await
+        .expect("no watch event within the deadline")
+        .expect("watch stream ended")
+}
+
+#[tokio::test]
+async fn open_makes_a_leader_at_revision_zero() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    assert!(store.is_leader());
+    assert_eq!(store.revision(), 0);
+    assert_eq!(store.compacted_revision(), 0);
+    assert_eq!(store.get("missing").await.unwrap(), None);
+    let status = store.status();
+    assert!(status.is_leader);
+    assert_eq!(status.current_leader, Some(1));
+    store.shutdown().await.unwrap();
+    // Idempotent, and the store refuses work afterwards.
+    store.shutdown().await.unwrap();
+    let err = store
+        .write(vec![put("k", "v", Precondition::None)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    let err = store.get("k").await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(!store.is_leader());
+}
+
+#[tokio::test]
+async fn preconditions_compare_and_swap() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+
+    // Create.
+    let r = write1(&store, put("k", "v1", Precondition::MustNotExist)).await;
+    assert_eq!(
+        r,
+        OpResult::Ok {
+            revision: 1,
+            prev: None
+        }
+    );
+    assert_eq!(
+        write1(&store, put("k", "x", Precondition::MustNotExist)).await,
+        OpResult::AlreadyExists
+    );
+    let v1 = KeyValue {
+        key: "k".into(),
+        value: "v1".into(),
+        create_revision: 1,
+        mod_revision: 1,
+    };
+    assert_eq!(store.get("k").await.unwrap(), Some(v1.clone()));
+
+    // MustExist.
+    assert_eq!(
+        write1(&store, put("missing", "x", Precondition::MustExist)).await,
+        OpResult::NotFound
+    );
+    let r = write1(&store, put("k", "v2", Precondition::MustExist)).await;
+    assert_eq!(
+        r,
+        OpResult::Ok {
+            revision: 2,
+            prev: Some(v1)
+        }
+    );
+
+    // ModRevision.
+    assert_eq!(
+        write1(&store, put("k", "x", Precondition::ModRevision(1))).await,
+        OpResult::Conflict {
+            current_mod_revision: 2
+        }
+    );
+    assert_eq!(
+        write1(&store, put("missing", "x", Precondition::ModRevision(1))).await,
+        OpResult::NotFound
+    );
+    let r = write1(&store, put("k", "v3", Precondition::ModRevision(2))).await;
+    assert_eq!(ok_revision(&r), 3);
+    let v3 = store.get("k").await.unwrap().unwrap();
+    assert_eq!(
+        (v3.value.as_ref(), v3.create_revision, v3.mod_revision),
+        (b"v3".as_slice(), 1, 3)
+    );
+
+    // Unconditional put.
+    assert_eq!(
+        ok_revision(&write1(&store, put("k", "v4", Precondition::None)).await),
+        4
+    );
+
+    // Deletes.
+    assert_eq!(
+        write1(&store, delete("missing", Precondition::None)).await,
+        OpResult::NotFound
+    );
+    assert_eq!(
+        write1(&store, delete("missing", Precondition::MustExist)).await,
+        OpResult::NotFound
+    );
+    assert_eq!(
+        write1(&store, delete("k", Precondition::ModRevision(3))).await,
+        OpResult::Conflict {
+            current_mod_revision: 4
+        }
+    );
+    assert_eq!(
+        write1(&store, delete("k", Precondition::MustNotExist)).await,
+        OpResult::AlreadyExists
+    );
+    let r = write1(&store, delete("k", Precondition::ModRevision(4))).await;
+    match r {
+        OpResult::Ok {
+            revision: 5,
+            prev: Some(prev),
+        } => {
+            assert_eq!(prev.value.as_ref(), b"v4");
+            assert_eq!((prev.create_revision, prev.mod_revision), (1, 4));
+        }
+        other => panic!("unexpected delete result {other:?}"),
+    }
+    assert_eq!(store.get("k").await.unwrap(), None);
+
+    // Re-creating gets a new create_revision.
+    assert_eq!(
+        ok_revision(&write1(&store, put("k", "v6", Precondition::MustNotExist)).await),
+        6
+    );
+    let v6 = store.get("k").await.unwrap().unwrap();
+    assert_eq!((v6.create_revision, v6.mod_revision), (6, 6));
+
+    // Failed ops do not bump the revision.
+    assert_eq!(store.revision(), 6);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ops_of_one_write_apply_in_order_independently() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    let results = store
+        .write(vec![
+            put("a", "1", Precondition::MustNotExist),
+            put("a", "2", Precondition::MustNotExist),
+            put("a", "3", Precondition::ModRevision(1)),
+            delete("b", Precondition::None),
+            delete("a", Precondition::None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 5);
+    assert_eq!(ok_revision(&results[0]), 1);
+    assert_eq!(results[1], OpResult::AlreadyExists);
+    assert_eq!(ok_revision(&results[2]), 2);
+    assert_eq!(results[3], OpResult::NotFound);
+    match &results[4] {
+        OpResult::Ok {
+            revision: 3,
+            prev: Some(prev),
+        } => assert_eq!(prev.value.as_ref(), b"3"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(store.revision(), 3);
+    assert_eq!(store.write(vec![]).await.unwrap(), vec![]);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn data_and_revision_survive_reopen() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    for i in 0..5 {
+        write1(
+            &store,
+            put(&format!("k{i}"), &format!("v{i}"), Precondition::None),
+        )
+        .await;
+    }
+    write1(&store, delete("k0", Precondition::None)).await;
+    assert_eq!(store.revision(), 6);
+    store.shutdown().await.unwrap();
+    drop(store);
+
+    let store = open(config(dir.path())).await;
+    assert!(store.is_leader());
+    assert_eq!(store.revision(), 6);
+    assert_eq!(store.get("k0").await.unwrap(), None);
+    let k3 = store.get("k3").await.unwrap().unwrap();
+    assert_eq!((k3.value.as_ref(), k3.mod_revision), (b"v3".as_slice(), 4));
+    // The history survives too, and the counter continues.
+    let mut watch = store.watch("", 4).unwrap();
+    assert_eq!(next_event(&mut watch).await.unwrap().revision, 5);
+    let e = next_event(&mut watch).await.unwrap();
+    assert_eq!(
+        (e.revision, e.kind, e.key.as_str()),
+        (6, EventKind::Delete, "k0")
+    );
+    assert_eq!(
+        ok_revision(&write1(&store, put("k9", "v", Precondition::None)).await),
+        7
+    );
+    assert_eq!(next_event(&mut watch).await.unwrap().revision, 7);
+    drop(watch);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_same_directory_fails() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    let err = Store::open(config(dir.path()))
+        .await
+        .err()
+        .expect("second open must fail");
+    assert!(matches!(err, StoreError::Storage(_)), "{err}");
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn range_with_prefix_start_after_and_limit() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    let mut ops: Vec<Op> = (1..=5)
+        .map(|i| put(&format!("a/{i}"), "x", Precondition::None))
+        .collect();
+    ops.push(put("a", "x", Precondition::None));
+    ops.push(put("b/1", "x", Precondition::None));
+    ops.push(put("a0", "x", Precondition::None));
+    store.write(ops).await.unwrap();
+    let keys = |r: &wasmctl_store::RangeResult| {
+        r.items.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>()
+    };
+
+    let r = store.range("a/", None, 2).await.unwrap();
+    assert_eq!(keys(&r), ["a/1", "a/2"]);
+    assert!(r.more);
+    assert_eq!(r.revision, 8);
+    let r = store.range("a/", Some("a/2"), 2).await.unwrap();
+    assert_eq!(keys(&r), ["a/3", "a/4"]);
+    assert!(r.more);
+    let r = store.range("a/", Some("a/4"), 2).await.unwrap();
+    assert_eq!(keys(&r), ["a/5"]);
+    assert!(!r.more);
+    let r = store.range("a/", Some("a/5"), 2).await.unwrap();
+    assert!(r.items.is_empty() && !r.more);
+    // Exactly `limit` left: no more.
+    let r = store.range("a/", Some("a/3"), 2).await.unwrap();
+    assert_eq!(keys(&r), ["a/4", "a/5"]);
+    assert!(!r.more);
+    // Unlimited, and a start_after before the prefix.
+    let r = store.range("a/", Some("0"), 0).await.unwrap();
+    assert_eq!(keys(&r), ["a/1", "a/2", "a/3", "a/4", "a/5"]);
+    assert!(!r.more);
+    let r = store.range("", None, 0).await.unwrap();
+    assert_eq!(
+        keys(&r),
+        ["a", "a/1", "a/2", "a/3", "a/4", "a/5", "a0", "b/1"]
+    );
+    let r = store.range("c/", None, 0).await.unwrap();
+    assert!(r.items.is_empty() && !r.more);
+    assert_eq!(r.items.len(), 0);
+    let first = &store.range("b/", None, 0).await.unwrap().items[0];
+    assert_eq!((first.create_revision, first.mod_revision), (7, 7));
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn watch_replays_history_then_follows_live() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    for i in 1..=6 {
+        let prefix = if i % 2 == 0 { "w/" } else { "x/" };
+        write1(
+            &store,
+            put(&format!("{prefix}{i}"), "v", Precondition::None),
+        )
+        .await;
+    }
+    // Events of w/ after revision 2: 4 and 6.
+    let mut watch = store.watch("w/", 2).unwrap();
+    let e = next_event(&mut watch).await.unwrap();
+    assert_eq!(
+        (e.revision, e.kind, e.key.as_str()),
+        (4, EventKind::Put, "w/4")
+    );
+    assert_eq!(e.value.as_ref().unwrap().mod_revision, 4);
+    assert_eq!(e.prev, None);
+    assert_eq!(next_event(&mut watch).await.unwrap().revision, 6);
+
+    // Live: an update and a delete, with their previous values.
+    write1(&store, put("x/7", "v", Precondition::None)).await;
+    write1(&store, put("w/4", "v2", Precondition::None)).await;
+    write1(&store, delete("w/6", Precondition::None)).await;
+    let e = next_event(&mut watch).await.unwrap();
+    assert_eq!(
+        (e.revision, e.kind, e.key.as_str()),
+        (8, EventKind::Put, "w/4")
+    );
+    assert_eq!(e.value.unwrap().create_revision, 4);
+    assert_eq!(e.prev.unwrap().value.as_ref(), b"v");
+    let e = next_event(&mut watch).await.unwrap();
+    assert_eq!(
+        (e.revision, e.kind, e.key.as_str()),
+        (9, EventKind::Delete, "w/6")
+    );
+    assert_eq!(e.value, None);
+    assert_eq!(e.prev.unwrap().mod_revision, 6);
+
+    // Concurrent writers and a watcher from 0 see every event exactly once, in order.
+    let mut all = store.watch("", 0).unwrap();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                store
+                    .write(vec![put(&format!("c/{i}"), "v", Precondition::None)])
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    for want in 1..=209 {
+        assert_eq!(next_event(&mut all).await.unwrap().revision, want);
+    }
+    writer.await.unwrap();
+    assert_eq!(all.last_revision(), 209);
+
+    // Shutting down ends the streams.
+    store.shutdown().await.unwrap();
+    let end = tokio::time::timeout(WAIT, all.next())
+        .await
+        .expect("stream must end");
+    assert!(end.is_none(), "{end:?}");
+    assert!(matches!(
+        store.watch("", 209),
+        Err(StoreError::Unavailable(_))
+    ));
+}
+
+#[tokio::test]
+async fn watch_below_the_compacted_revision_fails() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.history_size = 5;
+    let store = open(cfg).await;
+    for i in 0..20 {
+        write1(&store, put(&format!("k{i}"), "v", Precondition::None)).await;
+    }
+    let compacted = store.compacted_revision();
+    assert!(
+        compacted >= 15,
+        "history keeps at most 5 events, compacted={compacted}"
+    );
+    match store.watch("", compacted - 1) {
+        Err(StoreError::Compacted {
+            requested,
+            compacted: c,
+        }) => assert_eq!((requested, c), (compacted - 1, compacted)),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("watch below the compacted revision must fail"),
+    }
+    assert!(matches!(
+        store.watch("", 0),
+        Err(StoreError::Compacted { .. })
+    ));
+    // From the compacted revision itself everything is still there.
+    let mut watch = store.watch("", compacted).unwrap();
+    for want in compacted + 1..=20 {
+        assert_eq!(next_event(&mut watch).await.unwrap().revision, want);
+    }
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn snapshot_is_built_and_state_survives_reopen() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.snapshot_logs = 20;
+    let store = open(cfg.clone()).await;
+    for i in 0..60 {
+        write1(
+            &store,
+            put(&format!("s/{i:03}"), &format!("v{i}"), Precondition::None),
+        )
+        .await;
+    }
+    let status = store
+        .wait_for_status(WAIT, |s| {
+            s.snapshot_index.is_some() && s.purged_index.is_some()
+        })
+        .await
+        .expect("a snapshot is built and logs are purged");
+    assert!(status.snapshot_index.unwrap() >= 20, "{status:?}");
+    assert!(dir.path().join("snapshot/current").is_file());
+    store.shutdown().await.unwrap();
+    drop(store);
+
+    let store = open(cfg).await;
+    assert_eq!(store.revision(), 60);
+    let r = store.range("s/", None, 0).await.unwrap();
+    assert_eq!(r.items.len(), 60);
+    assert_eq!(r.items[59].value.as_ref(), b"v59");
+    assert_eq!(r.items[59].mod_revision, 60);
+    let status = store.status();
+    assert!(status.purged_index.is_some(), "{status:?}");
+    assert_eq!(
+        ok_revision(&write1(&store, put("s/new", "v", Precondition::None)).await),
+        61
+    );
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lagging_watcher_gets_watch_lagged() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.watch_channel_capacity = 4;
+    cfg.fsync = false;
+    let store = open(cfg).await;
+    write1(&store, put("k", "v", Precondition::None)).await;
+    let mut watch = store.watch("", 0).unwrap();
+    // The first event comes from the history; the watch is subscribed to live events after it.
+    assert_eq!(next_event(&mut watch).await.unwrap().revision, 1);
+    for i in 0..50 {
+        write1(&store, put(&format!("k{i}"), "v", Precondition::None)).await;
+    }
+    let mut last = 1;
+    loop {
+        match next_event(&mut watch).await {
+            Ok(event) => {
+                assert_eq!(
+                    event.revision,
+                    last + 1,
+                    "no gap before the lag is reported"
+                );
+                last = event.revision;
+            }
+            Err(StoreError::WatchLagged) => break,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    let end = tokio::time::timeout(WAIT, watch.next()).await.unwrap();
+    assert!(end.is_none(), "the stream ends after WatchLagged");
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_config_is_rejected() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.watch_channel_capacity = 0;
+    let err = Store::open(cfg).await.err().expect("must fail");
+    assert!(matches!(err, StoreError::InvalidConfig(_)), "{err}");
+}
+
+#[tokio::test]
+async fn watch_replays_a_long_history_in_chunks() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.fsync = false;
+    let store = open(cfg).await;
+    // 3000 events, every third one under "p/".
+    for batch in 0..30 {
+        let ops = (0..100)
+            .map(|i| {
+                let n = batch * 100 + i;
+                let prefix = if n % 3 == 0 { "p/" } else { "q/" };
+                put(&format!("{prefix}{n}"), "v", Precondition::None)
+            })
+            .collect();
+        store.write(ops).await.unwrap();
+    }
+    assert_eq!(store.revision(), 3000);
+    let mut watch = store.watch("p/", 0).unwrap();
+    for n in (0..3000u64).step_by(3) {
+        let e = next_event(&mut watch).await.unwrap();
+        assert_eq!((e.revision, e.key), (n + 1, format!("p/{n}")));
+    }
+    // Then live, past the non-matching events.
+    store
+        .write(vec![
+            put("q/live", "v", Precondition::None),
+            put("p/live", "v", Precondition::None),
+        ])
+        .await
+        .unwrap();
+    let e = next_event(&mut watch).await.unwrap();
+    assert_eq!((e.revision, e.key.as_str()), (3002, "p/live"));
+    drop(watch);
+    store.shutdown().await.unwrap();
+}

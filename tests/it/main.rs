@@ -1,0 +1,8 @@
+//! Integration tests: real `wasmctl` processes, real RocksDB in temp dirs, real sockets on
+//! loopback, real kubectl. One test binary so the build links once.
+
+mod api;
+mod cli;
+mod durability;
+mod kubectl;
+mod support;

@@ -1,0 +1,235 @@
+//! Test support: real `wasmctl` processes on loopback, HTTP helpers, deadlines.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_wasmctl")
+}
+
+/// Poll `f` until it returns `Some`, or panic after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A `wasmctl server` child process.
+pub struct ServerProc {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub url: String,
+    pub kubeconfig: PathBuf,
+    pub token: String,
+    pub http: reqwest::Client,
+    extra: Vec<String>,
+    listen: String,
+}
+
+impl ServerProc {
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> ServerProc {
+        Self::start_on(data_dir, "127.0.0.1:0", extra).await
+    }
+
+    pub async fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> ServerProc {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut child = Command::new(bin())
+            .arg("server")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(listen)
+            .args(&extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn wasmctl server");
+        // Read the announced URL from stdout (the port may have been chosen by the kernel).
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut url = None;
+        while url.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(u) = line.strip_prefix("API server listening on ") {
+                        url = Some(u.trim().to_string());
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("wasmctl server did not announce its address within 120 s");
+                }
+            }
+        }
+        let url = url.expect("set");
+        let kubeconfig = data_dir.join("kubeconfig.yaml");
+        let kc = wasmctl_client::Kubeconfig::load(Some(&kubeconfig)).expect("kubeconfig written");
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(kc.ca_pem.as_ref().unwrap()).unwrap(),
+            )
+            .build()
+            .unwrap();
+        let listen_addr = url.trim_start_matches("https://").to_string();
+        let s = ServerProc {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            url,
+            kubeconfig,
+            token: kc.token.clone().expect("token in kubeconfig"),
+            http,
+            extra,
+            listen: listen_addr,
+        };
+        s.wait_ready().await;
+        s
+    }
+
+    pub async fn wait_ready(&self) {
+        let http = self.http.clone();
+        let url = format!("{}/readyz", self.url);
+        wait_for(
+            Duration::from_secs(60),
+            "the API server to answer /readyz",
+            || {
+                let http = http.clone();
+                let url = url.clone();
+                async move {
+                    match http.get(&url).send().await {
+                        Ok(r) if r.status().is_success() => Some(()),
+                        _ => None,
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+        self.child.wait().expect("wait")
+    }
+
+    /// Start again on the same data directory and port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let listen = self.listen.clone();
+        let fresh = ServerProc::start_on(&self.data_dir.clone(), &listen, &extra).await;
+        *self = fresh;
+    }
+
+    pub fn client(&self) -> wasmctl_client::Client {
+        wasmctl_client::Client::from_kubeconfig(Some(&self.kubeconfig)).expect("client")
+    }
+
+    /// A raw request; returns the status code and the JSON body (Null if not JSON).
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        content_type: &str,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut rb = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb
+                .header("content-type", content_type)
+                .body(serde_json::to_vec(b).unwrap());
+        }
+        let resp = rb.send().await.expect("request sent");
+        let code = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let token = self.token.clone();
+        self.raw(method, path, body, "application/json", Some(&token))
+            .await
+    }
+
+    /// Run the real binary as a client against this server.
+    pub fn wasmctl(&self, args: &[&str]) -> std::process::Output {
+        self.wasmctl_stdin(args, None)
+    }
+
+    pub fn wasmctl_stdin(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new(bin())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wasmctl");
+        {
+            let mut sin = child.stdin.take().expect("stdin");
+            if let Some(s) = stdin {
+                sin.write_all(s.as_bytes()).expect("write stdin");
+            }
+        }
+        child.wait_with_output().expect("wasmctl output")
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
