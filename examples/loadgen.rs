@@ -29,7 +29,12 @@ impl Target {
             Target::Wasmctl(c) => {
                 let body = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": name}, "spec": {"holderIdentity": payload}});
-                c.post("/apis/coordination.k8s.io/v1/namespaces/default/leases", &body).await.is_ok()
+                c.post(
+                    "/apis/coordination.k8s.io/v1/namespaces/default/leases",
+                    &body,
+                )
+                .await
+                .is_ok()
             }
             Target::Etcd(c, url) => {
                 let body = json!({"key": b64(&format!("/bench/{name}")), "value": b64(&format!("{{\"name\":\"{name}\",\"v\":\"{payload}\"}}"))});
@@ -41,7 +46,9 @@ impl Target {
         let name = format!("{run}-{i}");
         match self {
             Target::Wasmctl(c) => c
-                .get(&format!("/apis/coordination.k8s.io/v1/namespaces/default/leases/{name}"))
+                .get(&format!(
+                    "/apis/coordination.k8s.io/v1/namespaces/default/leases/{name}"
+                ))
                 .await
                 .is_ok(),
             Target::Etcd(c, url) => {
@@ -52,7 +59,13 @@ impl Target {
     }
 }
 
-async fn phase(t: &Target, run: &str, clients: usize, requests: usize, write: bool) -> (f64, u64, u64, usize) {
+async fn phase(
+    t: &Target,
+    run: &str,
+    clients: usize,
+    requests: usize,
+    write: bool,
+) -> (f64, u64, u64, usize) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -67,7 +80,11 @@ async fn phase(t: &Target, run: &str, clients: usize, requests: usize, write: bo
                     break;
                 }
                 let t0 = Instant::now();
-                let ok = if write { t.write(&run, i).await } else { t.read(&run, i).await };
+                let ok = if write {
+                    t.write(&run, i).await
+                } else {
+                    t.read(&run, i).await
+                };
                 if !ok {
                     errors += 1;
                 }
@@ -84,7 +101,12 @@ async fn phase(t: &Target, run: &str, clients: usize, requests: usize, write: bo
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64();
-    (requests as f64 / secs, hist.value_at_quantile(0.5), hist.value_at_quantile(0.99), errors)
+    (
+        requests as f64 / secs,
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        errors,
+    )
 }
 
 #[tokio::main]
@@ -97,9 +119,16 @@ async fn main() {
     let clients: usize = args[3].parse().expect("CLIENTS");
     let requests: usize = args[4].parse().expect("REQUESTS");
     let target = match args[1].as_str() {
-        "wasmctl" => Target::Wasmctl(wasmctl_client::Client::from_kubeconfig(Some(std::path::Path::new(&args[2]))).expect("kubeconfig")),
+        "wasmctl" => Target::Wasmctl(
+            wasmctl_client::Client::from_kubeconfig(Some(std::path::Path::new(&args[2])))
+                .expect("kubeconfig"),
+        ),
         "etcd" => Target::Etcd(
-            reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_secs(30)).build().unwrap(),
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
             args[2].clone(),
         ),
         other => panic!("unknown target {other}"),

@@ -19,5 +19,7 @@ fi
 
 # Guest components (wasi-apps/) target wasm32-wasip2.
 if command -v rustup >/dev/null 2>&1; then
-  rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+  rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 \
+    || timeout 300 rustup target add wasm32-wasip2 \
+    || echo "warning: could not add the wasm32-wasip2 target (needed only for wasi-apps/)" >&2
 fi
