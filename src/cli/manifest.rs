@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn reports_line_and_column_of_the_right_document() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: [b\n";
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: b: c\n";
         let err = parse("x.yaml", text).err().unwrap().0;
         assert!(err.contains("document 2"), "{err}");
         assert!(err.contains("line 9"), "{err}");
