@@ -7,7 +7,6 @@
 //! controllers both call it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -30,6 +29,8 @@ const MAX_RETRIES: usize = 16;
 /// Namespaces that always exist and cannot be deleted.
 pub const SYSTEM_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-public", "kube-node-lease"];
+/// System namespaces that may not be deleted (as in Kubernetes, kube-node-lease may).
+const UNDELETABLE_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
 
 /// Which part of an object a write addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,11 +93,7 @@ fn set_meta(v: &mut Value, meta: &ObjectMeta) {
 /// The JSON that is stored: the canonical object without `resourceVersion` (it is the key's
 /// mod revision, filled in on every read).
 fn encode_for_store(v: &Value) -> Result<Vec<u8>, ApiError> {
-    let mut v = v.clone();
-    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.remove("resourceVersion");
-    }
-    let bytes = serde_json::to_vec(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let bytes = serde_json::to_vec(&strip_rv(v)).map_err(|e| ApiError::Internal(e.to_string()))?;
     if bytes.len() > MAX_OBJECT_BYTES {
         return Err(ApiError::TooLarge(format!(
             "object is {} bytes, the limit is {MAX_OBJECT_BYTES}",
@@ -247,11 +244,9 @@ impl Objects {
         };
         // Exact-name field selectors read one key instead of scanning.
         if let (Some(name), false) = (opts.fields.exact_name(), info.namespaced && ns.is_none()) {
-            let rev = {
-                self.store.barrier().await?;
-                self.store.revision()
-            };
+            // `get` is linearizable; the revision read after it covers the item.
             let kv = self.store.get(&Self::key(info, ns, name)).await?;
+            let resource_version = self.store.revision();
             let mut items = Vec::new();
             if let Some(kv) = kv {
                 let v = decode_kv(&kv)?;
@@ -259,7 +254,6 @@ impl Objects {
                     items.push(v);
                 }
             }
-            let resource_version = rev.max(kv_rev(&items));
             return Ok(ListPage {
                 items,
                 resource_version,
@@ -652,7 +646,7 @@ impl Objects {
                 )));
             }
         }
-        if info.kind == "Namespace" && SYSTEM_NAMESPACES[..3].contains(&name) {
+        if info.kind == "Namespace" && UNDELETABLE_NAMESPACES.contains(&name) {
             return Err(ApiError::Forbidden(format!(
                 "namespaces {name:?} is forbidden: this namespace may not be deleted"
             )));
@@ -875,14 +869,6 @@ impl Objects {
     }
 }
 
-fn kv_rev(items: &[Value]) -> u64 {
-    items
-        .iter()
-        .filter_map(|v| v["metadata"]["resourceVersion"].as_str()?.parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
 /// Combine the stored object with an update of the main resource or of `status`.
 fn merge_for_update(info: &ResourceInfo, current: &Value, next: Value, sub: Subresource) -> Value {
     match sub {
@@ -934,9 +920,6 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
         other => *target = other.clone(),
     }
 }
-
-/// Shared handle type.
-pub type SharedObjects = Arc<Objects>;
 
 #[cfg(test)]
 mod tests {

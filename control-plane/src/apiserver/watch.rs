@@ -117,13 +117,10 @@ pub async fn watch(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::TooManyRequests("too many open watches; retry later".into()))?;
-    let opts = list_options(q)?;
-    let list_opts = ListOptions {
-        labels: opts.labels.clone(),
-        fields: opts.fields.clone(),
-        limit: 0,
-        continue_token: None,
-    };
+    // A watch filters by the selectors only; paging parameters do not apply.
+    let mut list_opts = list_options(q)?;
+    list_opts.limit = 0;
+    list_opts.continue_token = None;
     let bookmarks = q.flag("allowWatchBookmarks");
     let send_initial = q.get("sendInitialEvents").map(|v| v == "true");
     let timeout = match q.int("timeoutSeconds")? {
