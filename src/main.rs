@@ -26,7 +26,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane: Raft-backed store and the HTTPS API server.
+    /// Run the control plane (API server and store).
     Server(cli::server::ServerArgs),
+    /// Run a node agent: register this node and run the pods bound to it.
+    Agent(cli::agent::AgentArgs),
+    /// Run an all-in-one single-node cluster (control plane + agent) in this process.
+    Up(cli::agent::UpArgs),
+    /// Upload a WebAssembly component to the cluster (or to an OCI registry).
+    Push(cli::push::PushArgs),
+    /// Print the logs of a pod's container.
+    Logs(cli::logs::LogsArgs),
     /// Create or update objects from YAML files (multi-document), a directory, or stdin (-).
     Apply(cli::apply::ApplyArgs),
     /// Show objects as a table, YAML or JSON; -w keeps watching.
@@ -41,7 +50,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let server_side = matches!(cli.command, Command::Server(_));
+    let server_side = matches!(
+        cli.command,
+        Command::Server(_) | Command::Agent(_) | Command::Up(_)
+    );
     cli::init_tracing(server_side);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -57,6 +69,10 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Server(a) => cli::server::run(a).await,
+            Command::Agent(a) => cli::agent::run_agent(kubeconfig.as_deref(), a).await,
+            Command::Up(a) => cli::agent::run_up(a).await,
+            Command::Push(a) => cli::push::run(kubeconfig.as_deref(), a).await,
+            Command::Logs(a) => cli::logs::run(kubeconfig.as_deref(), a).await,
             Command::Apply(a) => cli::apply::run(kubeconfig.as_deref(), a).await,
             Command::Get(a) => cli::get::run(kubeconfig.as_deref(), a).await,
             Command::Describe(a) => cli::describe::run(kubeconfig.as_deref(), a).await,

@@ -334,6 +334,65 @@ impl Client {
         self.request(Method::DELETE, path, opts, None, None).await
     }
 
+    /// GET a non-JSON body (module blobs), refusing bodies over `max_bytes`.
+    pub async fn get_bytes(&self, path: &str, max_bytes: u64) -> Result<bytes::Bytes, ClientError> {
+        let resp = self.get_stream(path, None).await?;
+        if resp.content_length().is_some_and(|n| n > max_bytes) {
+            return Err(ClientError::Decode(format!(
+                "{path}: the body is larger than the {max_bytes}-byte limit"
+            )));
+        }
+        let mut resp = resp;
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(e))? {
+            if (buf.len() + chunk.len()) as u64 > max_bytes {
+                return Err(ClientError::Decode(format!(
+                    "{path}: the body is larger than the {max_bytes}-byte limit"
+                )));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.into())
+    }
+
+    /// GET a streamed body (logs, `-f`); errors are decoded from `Status` objects.
+    pub async fn get_stream(
+        &self,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = self
+            .builder(Method::GET, path)
+            .header(reqwest::header::ACCEPT, accept.unwrap_or("*/*"))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
+            return Err(status_error(status, &bytes));
+        }
+        Ok(resp)
+    }
+
+    /// POST a raw body (module uploads) and decode the JSON answer.
+    pub async fn post_bytes(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<Value, ClientError> {
+        let resp = self
+            .builder(Method::POST, path)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.finish(resp).await
+    }
+
     /// Open a watch (`path` must already carry `watch=1` and any selectors) and stream its
     /// events as JSON values.
     pub async fn watch(

@@ -3,6 +3,7 @@
 
 pub mod apiserver;
 pub mod error;
+pub mod modules;
 pub mod objects;
 pub mod patch;
 pub mod pki;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use wasmctl_store::{Store, StoreConfig};
 
 use crate::apiserver::{self, ApiConfig, ApiState};
+use crate::modules::ModuleRegistry;
 use crate::objects::Objects;
 use crate::pki;
 
@@ -88,8 +89,20 @@ impl Server {
         api.bookmark_interval = cfg.bookmark_interval;
         api.max_connections = cfg.max_connections;
         api.max_watches = cfg.max_watches;
+        let modules = Arc::new(
+            ModuleRegistry::open(cfg.data_dir.join("modules")).with_context(|| {
+                format!("opening the module registry in {}", cfg.data_dir.display())
+            })?,
+        );
+        let agents = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the agent proxy client")?;
         let state = Arc::new(ApiState {
             objects: objects.clone(),
+            modules,
+            agents,
             token: creds.token.clone(),
             watches: Arc::new(Semaphore::new(api.max_watches)),
             config: api,

@@ -1,5 +1,378 @@
 //! The wasmctl node agent (kubelet): registers its Node, renews its Lease, watches the pods
-//! bound to it and runs them in wasmtime.
+//! bound to it and runs them in wasmtime (see [`runtime`]), writes their status, serves their
+//! logs, and pulls their modules.
 //!
-//! Not implemented yet: this crate is the placeholder in the workspace layout. The runtime,
-//! the agent loop and `wasmctl agent` arrive with the node-agent issue (#3).
+//! **Architecture Invariant:** only this crate links wasmtime; it talks to the control plane
+//! through the API only (`wasmctl-client`), never through the store.
+
+pub mod images;
+pub mod node;
+pub mod oci;
+pub mod pods;
+pub mod runtime;
+pub mod server;
+pub mod status;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use wasmctl_api::core::Pod;
+use wasmctl_client::Client;
+
+use pods::{IpAllocator, PodRef};
+use runtime::logs::{ContainerLog, LogLimits};
+use runtime::pod::SandboxLimits;
+use runtime::{Runtime, RuntimeConfig};
+
+/// Everything `wasmctl agent` is configured with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: String,
+    pub node_ip: Ipv4Addr,
+    pub data_dir: PathBuf,
+    pub max_pods: u32,
+    /// The node's pod CIDR (default `127.<last octet of the node IP>.0.0/16`).
+    pub pod_cidr: (Ipv4Addr, u8),
+    /// Port of the agent's own endpoint (logs); 0 picks one.
+    pub kubelet_port: u16,
+    pub lease_duration: Duration,
+    pub lease_renew: Duration,
+    pub status_report: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub backoff_reset: Duration,
+    pub instance_slots: u32,
+    pub max_module_bytes: u64,
+    /// Registries reached over plain HTTP (`host:port`).
+    pub insecure_registries: Vec<String>,
+    pub log_limits: LogLimits,
+    pub sandbox: SandboxLimits,
+}
+
+impl AgentConfig {
+    /// Defaults for everything but the name, node IP and data directory.
+    pub fn new(name: String, node_ip: Ipv4Addr, data_dir: PathBuf) -> AgentConfig {
+        let o = node_ip.octets();
+        let cidr_octet = if o[0] == 127 && o[3] != 0 { o[3] } else { 1 };
+        AgentConfig {
+            name,
+            node_ip,
+            data_dir,
+            max_pods: 110,
+            pod_cidr: (Ipv4Addr::new(127, cidr_octet, 0, 0), 16),
+            kubelet_port: 10250,
+            lease_duration: Duration::from_secs(40),
+            lease_renew: Duration::from_secs(10),
+            status_report: Duration::from_secs(60),
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(300),
+            backoff_reset: Duration::from_secs(600),
+            instance_slots: 1000,
+            max_module_bytes: 64 * 1024 * 1024,
+            insecure_registries: Vec::new(),
+            log_limits: LogLimits::default(),
+            sandbox: SandboxLimits {
+                max_concurrent_requests: 256,
+                max_connections: 1024,
+                request_timeout: Duration::from_secs(60),
+                max_instance_memory: 1 << 30,
+            },
+        }
+    }
+}
+
+/// The logs of the containers of the pods this agent runs, by `(namespace, pod, container)`.
+#[derive(Default)]
+pub struct LogRegistry {
+    logs: Mutex<HashMap<(String, String, String), Arc<ContainerLog>>>,
+    limits: Mutex<LogLimits>,
+}
+
+impl LogRegistry {
+    fn open(&self, pod: &PodRef, container: &str, file: PathBuf) -> Arc<ContainerLog> {
+        let limits = *self.limits.lock().expect("limits lock");
+        let log = ContainerLog::new(Some(file), limits);
+        self.logs.lock().expect("logs lock").insert(
+            (
+                pod.namespace.clone(),
+                pod.name.clone(),
+                container.to_string(),
+            ),
+            log.clone(),
+        );
+        log
+    }
+    fn remove(&self, pod: &PodRef) {
+        self.logs
+            .lock()
+            .expect("logs lock")
+            .retain(|k, _| !(k.0 == pod.namespace && k.1 == pod.name));
+    }
+    pub fn get(&self, ns: &str, pod: &str, container: &str) -> Option<Arc<ContainerLog>> {
+        self.logs
+            .lock()
+            .expect("logs lock")
+            .get(&(ns.to_string(), pod.to_string(), container.to_string()))
+            .cloned()
+    }
+    /// The containers of a pod that have logs here (for "a container name must be given").
+    pub fn containers(&self, ns: &str, pod: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .logs
+            .lock()
+            .expect("logs lock")
+            .keys()
+            .filter(|k| k.0 == ns && k.1 == pod)
+            .map(|k| k.2.clone())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Shared by the agent's tasks.
+pub struct AgentCtx {
+    pub cfg: AgentConfig,
+    pub api: Client,
+    pub runtime: Arc<Runtime>,
+    pub images: images::ImageStore,
+    pub logs: LogRegistry,
+    pub ips: Mutex<IpAllocator>,
+    pub pods_dir: PathBuf,
+    /// The agent's bearer token: the API server presents it when it proxies log requests.
+    pub token: Option<String>,
+}
+
+/// A started agent.
+pub struct Agent {
+    pub ctx: Arc<AgentCtx>,
+    /// Where the agent's endpoint (logs) listens.
+    pub kubelet_addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
+}
+
+impl Agent {
+    /// Starts the runtime and the agent endpoint and registers the node; [`Agent::run`]
+    /// then runs the pods.
+    pub async fn start(
+        cfg: AgentConfig,
+        kubeconfig: &wasmctl_client::Kubeconfig,
+    ) -> anyhow::Result<Agent> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let api = Client::new(kubeconfig).context("building the API client")?;
+        let runtime = Runtime::new(&RuntimeConfig {
+            cache_dir: cfg.data_dir.join("compiled"),
+            instance_slots: cfg.instance_slots,
+            max_instance_memory: cfg.sandbox.max_instance_memory,
+        })
+        .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e:#}"))?;
+        let images = images::ImageStore::new(
+            cfg.data_dir.join("modules"),
+            api.clone(),
+            oci::OciPuller::new(cfg.insecure_registries.clone()),
+            cfg.max_module_bytes,
+        )
+        .context("creating the module store")?;
+        let pods_dir = cfg.data_dir.join("pods");
+        std::fs::create_dir_all(&pods_dir)?;
+        let listener = tokio::net::TcpListener::bind((cfg.node_ip, cfg.kubelet_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the agent endpoint {}:{}",
+                    cfg.node_ip, cfg.kubelet_port
+                )
+            })?;
+        let kubelet_addr = listener.local_addr()?;
+        let logs = LogRegistry::default();
+        *logs.limits.lock().expect("limits lock") = cfg.log_limits;
+        let ctx = Arc::new(AgentCtx {
+            ips: Mutex::new(IpAllocator::new(cfg.pod_cidr.0, cfg.pod_cidr.1)),
+            cfg,
+            api,
+            runtime,
+            images,
+            logs,
+            pods_dir,
+            token: kubeconfig.token.clone(),
+        });
+        node::register(&ctx, kubelet_addr.port())
+            .await
+            .context("registering the node")?;
+        tracing::info!(node = %ctx.cfg.name, ip = %ctx.cfg.node_ip, "node registered");
+        Ok(Agent {
+            ctx,
+            kubelet_addr,
+            listener,
+        })
+    }
+
+    /// Registers the node and runs until `shutdown`: the agent endpoint, the node heartbeat
+    /// and the pod sync loop; on shutdown every pod is stopped and every task joined.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ctx = self.ctx;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(server::serve(ctx.clone(), self.listener, shutdown.clone()));
+        tasks.spawn(node::heartbeat(
+            ctx.clone(),
+            self.kubelet_addr.port(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(sync_pods(ctx.clone(), shutdown.clone()));
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "an agent task failed");
+                shutdown.cancel();
+            }
+        }
+        ctx.runtime.shutdown();
+        Ok(())
+    }
+}
+
+struct WorkerEntry {
+    tx: watch::Sender<Option<Pod>>,
+    /// Counts against `--max-pods` (pods that finished do not).
+    active: bool,
+}
+
+/// Lists and watches the pods bound to this node and feeds one worker per pod.
+async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
+    let selector = format!("spec.nodeName={}", ctx.cfg.name);
+    let sel: String = url::form_urlencoded::byte_serialize(selector.as_bytes()).collect();
+    let mut workers: HashMap<String, WorkerEntry> = HashMap::new();
+    let mut tasks: tokio::task::JoinSet<String> = tokio::task::JoinSet::new();
+    let mut backoff = Duration::from_millis(200);
+    'outer: while !shutdown.is_cancelled() {
+        let list = match ctx
+            .api
+            .get(&format!("/api/v1/pods?fieldSelector={sel}"))
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing this node's pods failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        let rv = list["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or("0")
+            .to_string();
+        let mut seen = std::collections::HashSet::new();
+        for item in list["items"].as_array().cloned().unwrap_or_default() {
+            if let Ok(pod) = serde_json::from_value::<Pod>(item) {
+                seen.insert(pod.metadata.uid.clone().unwrap_or_default());
+                dispatch(&ctx, &mut workers, &mut tasks, pod, &shutdown).await;
+            }
+        }
+        for (uid, w) in workers.iter() {
+            if !seen.contains(uid) {
+                let _ = w.tx.send(None);
+            }
+        }
+        let path = format!(
+            "/api/v1/pods?watch=1&fieldSelector={sel}&resourceVersion={rv}&allowWatchBookmarks=true"
+        );
+        let mut stream = match ctx.api.watch(&path, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching this node's pods failed; relisting");
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'outer,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok(uid) = done { workers.remove(&uid); }
+                }
+                ev = stream.next() => {
+                    let Some(Ok(ev)) = ev else { continue 'outer };
+                    match ev["type"].as_str() {
+                        Some("ADDED" | "MODIFIED") => {
+                            if let Ok(pod) = serde_json::from_value::<Pod>(ev["object"].clone()) {
+                                dispatch(&ctx, &mut workers, &mut tasks, pod, &shutdown).await;
+                            }
+                        }
+                        Some("DELETED") => {
+                            let uid = ev["object"]["metadata"]["uid"].as_str().unwrap_or_default();
+                            if let Some(w) = workers.get(uid) { let _ = w.tx.send(None); }
+                        }
+                        Some("BOOKMARK") => {}
+                        _ => continue 'outer,
+                    }
+                }
+            }
+        }
+    }
+    // Shutdown: workers see the cancelled token, stop their pods and return.
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn dispatch(
+    ctx: &Arc<AgentCtx>,
+    workers: &mut HashMap<String, WorkerEntry>,
+    tasks: &mut tokio::task::JoinSet<String>,
+    pod: Pod,
+    shutdown: &CancellationToken,
+) {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let finished = matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    );
+    if let Some(w) = workers.get_mut(&uid) {
+        w.active = !finished;
+        let _ = w.tx.send(Some(pod));
+        return;
+    }
+    let active = workers.values().filter(|w| w.active).count();
+    if !finished && pod.metadata.deletion_timestamp.is_none() && active >= ctx.cfg.max_pods as usize
+    {
+        let pref = PodRef {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone(),
+            uid: uid.clone(),
+        };
+        pods::reject(
+            ctx,
+            &pref,
+            "OutOfpods",
+            &format!(
+                "Node didn't have enough resource: pods (max {})",
+                ctx.cfg.max_pods
+            ),
+        )
+        .await;
+        return;
+    }
+    let (tx, rx) = watch::channel(Some(pod));
+    workers.insert(
+        uid.clone(),
+        WorkerEntry {
+            tx,
+            active: !finished,
+        },
+    );
+    let ctx = ctx.clone();
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        pods::run_pod(ctx, rx, shutdown).await;
+        uid
+    });
+}

@@ -1,10 +1,13 @@
 //! The client verbs and the server entry point of the `wasmctl` binary.
 
+pub mod agent;
 pub mod apply;
 pub mod delete;
 pub mod describe;
 pub mod get;
+pub mod logs;
 pub mod manifest;
+pub mod push;
 pub mod server;
 
 use std::path::Path;
@@ -14,7 +17,11 @@ use std::time::Duration;
 use wasmctl_client::{Client, ClientError};
 
 pub fn init_tracing(server_side: bool) {
-    let default = if server_side { "info" } else { "warn" };
+    let default = if server_side {
+        "info,openraft=warn"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()

@@ -1,6 +1,7 @@
 //! Integration tests: real `wasmctl` processes, real RocksDB in temp dirs, real sockets on
 //! loopback, real kubectl. One test binary so the build links once.
 
+mod agent;
 mod api;
 mod cli;
 mod durability;

@@ -233,3 +233,165 @@ pub fn stdout(o: &std::process::Output) -> String {
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// The built guest components (`wasi-apps/`), built once per test run with the
+/// `wasm32-wasip2` target into `$WASI_APPS_TARGET` (default: beside the cargo target dir).
+pub fn wasi_app(name: &str) -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("wasi-apps");
+        let target = std::env::var_os("WASI_APPS_TARGET")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("wasi-apps"))
+            })
+            .unwrap_or_else(|| root.join("target"));
+        let status = Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--locked",
+            ])
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("RUSTFLAGS")
+            .status()
+            .expect("running cargo for wasi-apps");
+        assert!(
+            status.success(),
+            "building wasi-apps failed (is the wasm32-wasip2 target installed?)"
+        );
+        target.join("wasm32-wasip2").join("release")
+    });
+    let p = dir.join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+/// A distinct pod CIDR (and node IP) per agent in this test process, so agents of tests
+/// running in parallel never hand out the same pod IP.
+pub fn next_node_octet() -> u8 {
+    static N: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(20);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A `wasmctl agent` child process.
+pub struct AgentProc {
+    pub child: Child,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub octet: u8,
+    kubeconfig: PathBuf,
+    extra: Vec<String>,
+}
+
+impl AgentProc {
+    pub async fn start(
+        server: &ServerProc,
+        name: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> AgentProc {
+        Self::start_with(
+            server.kubeconfig.clone(),
+            name,
+            data_dir,
+            next_node_octet(),
+            extra.iter().map(|s| s.to_string()).collect(),
+        )
+        .await
+    }
+
+    async fn start_with(
+        kubeconfig: PathBuf,
+        name: &str,
+        data_dir: &Path,
+        octet: u8,
+        extra: Vec<String>,
+    ) -> AgentProc {
+        let mut child = Command::new(bin())
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "agent",
+                "--name",
+                name,
+                "--node-ip",
+                "127.0.0.1",
+                "--kubelet-port",
+                "0",
+            ])
+            .arg("--pod-cidr")
+            .arg(format!("127.{octet}.0.0/16"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(&extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn wasmctl agent");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.starts_with("node agent") => {}
+            other => {
+                let _ = child.kill();
+                panic!("wasmctl agent did not start: {other:?}");
+            }
+        }
+        AgentProc {
+            child,
+            name: name.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            octet,
+            kubeconfig,
+            extra,
+        }
+    }
+
+    /// SIGKILL and start again with the same name, data dir and pod CIDR.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let fresh = Self::start_with(
+            self.kubeconfig.clone(),
+            &self.name.clone(),
+            &self.data_dir.clone(),
+            self.octet,
+            self.extra.clone(),
+        )
+        .await;
+        *self = fresh;
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Plain HTTP GET (pods serve HTTP on their pod IP); `None` on connection errors.
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .ok()?;
+    let r = c.get(url).send().await.ok()?;
+    let code = r.status().as_u16();
+    Some((code, r.text().await.unwrap_or_default()))
+}

@@ -31,6 +31,7 @@ use wasmctl_api::table::{self, IncludeObject};
 use wasmctl_api::{FieldSelector, Selector};
 
 use crate::error::ApiError;
+use crate::modules::{self, ModuleError, ModuleRegistry, TagRef};
 use crate::objects::{ListOptions, Objects, Subresource};
 
 pub use discovery::arch;
@@ -68,6 +69,10 @@ impl ApiConfig {
 
 pub struct ApiState {
     pub objects: Objects,
+    /// `wasmctl push` storage.
+    pub modules: Arc<ModuleRegistry>,
+    /// Client for proxying `pods/{name}/log` to the node agents.
+    pub agents: reqwest::Client,
     pub token: String,
     pub config: ApiConfig,
     pub watches: Arc<Semaphore>,
@@ -217,6 +222,8 @@ enum Route {
     Apis,
     Group(String),
     Resources(String, String),
+    /// `/wasm/v1/...`: the module registry.
+    Modules(Vec<String>),
     Collection {
         info: &'static ResourceInfo,
         ns: Option<String>,
@@ -241,6 +248,9 @@ fn parse_route(path: &str) -> Result<Route, ApiError> {
         ["apis", g] => Ok(Route::Group(g.to_string())),
         ["apis", g, v] => Ok(Route::Resources(g.to_string(), v.to_string())),
         ["apis", g, v, rest @ ..] => resource_route(g, v, rest),
+        ["wasm", "v1", rest @ ..] => {
+            Ok(Route::Modules(rest.iter().map(|s| s.to_string()).collect()))
+        }
         _ => Err(ApiError::UnknownPath),
     }
 }
@@ -439,6 +449,7 @@ async fn route_request(
         Route::Api => ok(discovery::api_versions(&state.server_address)),
         Route::Apis => ok(discovery::api_group_list()),
         Route::Group(g) => discovery::api_group(&g).map_or(Err(ApiError::UnknownPath), ok),
+        Route::Modules(rest) => modules_route(&state, req, &rest, &q).await,
         Route::Resources(g, v) => {
             discovery::resource_list(&g, &v).map_or(Err(ApiError::UnknownPath), ok)
         }
@@ -521,6 +532,12 @@ async fn route_request(
             sub,
         } => {
             let ns = ns.as_deref();
+            if sub.as_deref() == Some("log") && info.kind == "Pod" {
+                if method != Method::GET {
+                    return Err(ApiError::MethodNotAllowed);
+                }
+                return pod_logs(&state, info, ns.unwrap_or("default"), &name, &q).await;
+            }
             let sub = match sub.as_deref() {
                 None => Subresource::Main,
                 Some("status") if info.status_subresource => Subresource::Status,
@@ -582,6 +599,187 @@ async fn route_request(
             }
         }
     }
+}
+
+impl From<ModuleError> for ApiError {
+    fn from(e: ModuleError) -> Self {
+        match e {
+            ModuleError::InvalidRef(..) | ModuleError::Invalid(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            ModuleError::NotFound(name) => ApiError::NotFound {
+                resource: "modules.wasmctl.dev".into(),
+                kind: "modules".into(),
+                group: "wasmctl.dev".into(),
+                name,
+            },
+            ModuleError::Io(e) => ApiError::Internal(format!("module storage: {e}")),
+        }
+    }
+}
+
+/// `POST /wasm/v1/push?ref=NAME:TAG` (body: the module), `GET /wasm/v1/resolve?ref=NAME:TAG`,
+/// `GET /wasm/v1/blobs/sha256:HEX`.
+async fn modules_route(
+    state: &ApiState,
+    req: Request<Incoming>,
+    rest: &[String],
+    q: &Query,
+) -> Result<Response<Body>, ApiError> {
+    let parts: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let tag_ref = || -> Result<TagRef, ApiError> {
+        let r = q.get("ref").ok_or_else(|| {
+            ApiError::BadRequest("the ref query parameter (NAME:TAG) is required".into())
+        })?;
+        Ok(TagRef::parse(r)?)
+    };
+    match (req.method().clone(), parts.as_slice()) {
+        (Method::POST, ["push"]) => {
+            let r = tag_ref()?;
+            let body = Limited::new(req.into_body(), modules::MAX_MODULE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        ApiError::TooLarge(format!(
+                            "the module exceeds {} bytes",
+                            modules::MAX_MODULE_BYTES
+                        ))
+                    } else {
+                        ApiError::BadRequest(format!("reading the module: {e}"))
+                    }
+                })?
+                .to_bytes();
+            let reg = state.modules.clone();
+            let size = body.len();
+            let r2 = r.clone();
+            let digest = tokio::task::spawn_blocking(move || reg.push(&r2, &body))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
+            tracing::info!(module = %format!("{}:{}", r.name, r.tag), %digest, size, "module pushed");
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({ "ref": format!("{}:{}", r.name, r.tag), "digest": digest, "size": size }),
+            ))
+        }
+        (Method::GET, ["resolve"]) => {
+            let r = tag_ref()?;
+            let (digest, size) = state.modules.resolve(&r)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ "ref": format!("{}:{}", r.name, r.tag), "digest": digest, "size": size }),
+            ))
+        }
+        (Method::GET, ["blobs", digest]) => {
+            let hex = modules::parse_digest(digest)?;
+            match tokio::fs::read(state.modules.blob_path(&hex)).await {
+                Ok(bytes) => Ok(Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "application/wasm")
+                    .header("docker-content-digest", *digest)
+                    .body(full(bytes))
+                    .expect("valid response")),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(ModuleError::NotFound(digest.to_string()).into())
+                }
+                Err(e) => Err(ApiError::Internal(format!("reading {digest}: {e}"))),
+            }
+        }
+        (_, ["push"] | ["resolve"] | ["blobs", _]) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::UnknownPath),
+    }
+}
+
+/// `GET .../pods/{name}/log`: proxied to the agent of the pod's node, streamed back.
+async fn pod_logs(
+    state: &ApiState,
+    info: &'static ResourceInfo,
+    ns: &str,
+    name: &str,
+    q: &Query,
+) -> Result<Response<Body>, ApiError> {
+    let pod = state.objects.get(info, Some(ns), name).await?;
+    let containers: Vec<String> = pod["spec"]["containers"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| c["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let container = match q.get("container") {
+        Some(c) if containers.iter().any(|x| x == c) => c.to_string(),
+        Some(c) => {
+            return Err(ApiError::BadRequest(format!(
+                "container {c} is not valid for pod {name}"
+            )))
+        }
+        None if containers.len() == 1 => containers[0].clone(),
+        None => {
+            return Err(ApiError::BadRequest(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                containers.join(" ")
+            )))
+        }
+    };
+    let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
+    if node.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    }
+    let nodes = registry::by_kind("v1", "Node").ok_or(ApiError::UnknownPath)?;
+    let node_obj = state.objects.get(nodes, None, node).await?;
+    let ip = node_obj["status"]["addresses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["type"] == "InternalIP"))
+        .and_then(|x| x["address"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let port = node_obj["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .unwrap_or(10250);
+    if ip.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "node {node} reports no InternalIP"
+        )));
+    }
+    let forwarded = {
+        let mut fwd = url::form_urlencoded::Serializer::new(String::new());
+        for k in ["follow", "tailLines", "timestamps", "limitBytes"] {
+            if let Some(v) = q.get(k) {
+                fwd.append_pair(k, v);
+            }
+        }
+        fwd.finish()
+    };
+    let url = format!("http://{ip}:{port}/containerLogs/{ns}/{name}/{container}?{forwarded}");
+    let resp = state
+        .agents
+        .get(&url)
+        .bearer_auth(&state.token)
+        .send()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("Get {url:?}: {e}")))?;
+    if !resp.status().is_success() {
+        let code = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(match code.as_u16() {
+            404 | 400 => ApiError::BadRequest(text.trim().to_string()),
+            _ => ApiError::Internal(format!("node {node}: {code}: {}", text.trim())),
+        });
+    }
+    use futures_util::StreamExt;
+    let stream = resp
+        .bytes_stream()
+        .take_while(|r| std::future::ready(r.is_ok()))
+        .filter_map(|r| std::future::ready(r.ok()))
+        .map(|b| Ok::<_, Infallible>(hyper::body::Frame::data(b)));
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+        .expect("valid response"))
 }
 
 fn delete_options(q: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {

@@ -1,0 +1,939 @@
+//! Pod workers (the kubelet's `podWorkers`): one task per pod bound to this node. A worker
+//! builds the pod's sandbox, runs one runner per container, writes the pod's status when it
+//! changes, and on deletion drains and stops the pod, then removes it from the API.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use wasmctl_api::core::{
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus,
+    Pod, PodStatus, Probe,
+};
+use wasmctl_api::meta::IntOrString;
+use wasmctl_api::Time;
+
+use crate::runtime::logs::ContainerLog;
+use crate::runtime::pod::{ContainerConfig, Egress, Exit, HttpRoute, Mount, PodSandbox};
+use crate::runtime::{limits::PodBudget, ComponentKind, LoadedComponent};
+use crate::status::{self, restart_delay, waiting, RestartPolicy, StatusInput};
+use crate::AgentCtx;
+
+/// Annotation listing what a pod may reach outside itself: `*` or `host,host,...`.
+pub const EGRESS_ANNOTATION: &str = "wasmctl.dev/egress";
+
+/// The identity of a running pod.
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl PodRef {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+    fn path(&self) -> String {
+        format!("/api/v1/namespaces/{}/pods/{}", self.namespace, self.name)
+    }
+    fn dir_name(&self) -> String {
+        format!("{}_{}_{}", self.namespace, self.name, self.uid)
+    }
+}
+
+/// What the worker learns from the API: the latest object, or `None` once it is gone.
+pub type PodUpdates = watch::Receiver<Option<Pod>>;
+
+/// State a container runner shares with its pod worker.
+struct Shared {
+    status: Mutex<ContainerStatus>,
+    changed: Arc<Notify>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut ContainerStatus)) {
+        f(&mut self.status.lock().expect("status lock"));
+        self.changed.notify_one();
+    }
+    fn snapshot(&self) -> ContainerStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+}
+
+/// Runs one pod until it is deleted (or the agent stops, `shutdown`).
+pub async fn run_pod(ctx: Arc<AgentCtx>, mut updates: PodUpdates, shutdown: CancellationToken) {
+    let Some(pod) = updates.borrow_and_update().clone() else {
+        return;
+    };
+    let pref = PodRef {
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: pod.metadata.name.clone(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+    };
+    let prev_status = pod.status.clone().unwrap_or_default();
+    let finished = matches!(prev_status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    if finished {
+        // Nothing runs for a finished pod; only its deletion is ours to complete.
+        wait_for_deletion(&ctx, &pref, &mut updates, &shutdown).await;
+        return;
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        finalize_delete(&ctx, &pref).await;
+        return;
+    }
+    let allocated = ctx
+        .ips
+        .lock()
+        .expect("ip lock")
+        .allocate(&pref.uid, prev_status.pod_ip.as_deref());
+    let ip = match allocated {
+        Some(ip) => ip,
+        None => {
+            reject(
+                &ctx,
+                &pref,
+                "OutOfPodIPs",
+                "the node's pod CIDR is exhausted",
+            )
+            .await;
+            wait_for_deletion(&ctx, &pref, &mut updates, &shutdown).await;
+            return;
+        }
+    };
+    tracing::info!(pod = %pref.key(), ip = %ip, "starting pod");
+    let worker = PodWorker::start(ctx.clone(), &pref, &pod, ip, prev_status);
+    let outcome = worker.run(&mut updates, &shutdown).await;
+    ctx.ips.lock().expect("ip lock").release(&pref.uid);
+    if matches!(outcome, Outcome::Deleted) {
+        finalize_delete(&ctx, &pref).await;
+    }
+}
+
+enum Outcome {
+    /// The API asked for deletion and the pod has stopped.
+    Deleted,
+    /// The object vanished from the API (force delete) or the agent is stopping.
+    Gone,
+}
+
+struct PodWorker {
+    ctx: Arc<AgentCtx>,
+    pref: PodRef,
+    sandbox: Arc<PodSandbox>,
+    containers: Vec<Arc<Shared>>,
+    runners: tokio::task::JoinSet<()>,
+    stop: CancellationToken,
+    changed: Arc<Notify>,
+    policy: RestartPolicy,
+    ip: Ipv4Addr,
+    start_time: Time,
+    last_status: PodStatus,
+    last_written: Option<serde_json::Value>,
+    dir: PathBuf,
+    logs: Vec<Arc<ContainerLog>>,
+}
+
+impl PodWorker {
+    fn start(
+        ctx: Arc<AgentCtx>,
+        pref: &PodRef,
+        pod: &Pod,
+        ip: Ipv4Addr,
+        prev: PodStatus,
+    ) -> PodWorker {
+        let spec = &pod.spec;
+        let policy = RestartPolicy::parse(spec.restart_policy.as_deref());
+        let memory =
+            sum_limits(&spec.containers, "memory", |q| q.bytes().ok()).map(|b| b.max(0) as usize);
+        let cpu =
+            sum_limits(&spec.containers, "cpu", |q| q.cpu_millis().ok()).map(|m| m.max(1) as u64);
+        let budget = PodBudget::new(memory, cpu);
+        let egress = pod
+            .metadata
+            .annotations
+            .get(EGRESS_ANNOTATION)
+            .map(|s| Egress::parse(s))
+            .unwrap_or_default();
+        let sandbox = PodSandbox::new(
+            pref.key(),
+            ip,
+            budget,
+            ctx.runtime.clone(),
+            ctx.cfg.sandbox,
+            egress,
+        );
+        let dir = ctx.pods_dir.join(pref.dir_name());
+        let _ = std::fs::create_dir_all(&dir);
+        let hostname = spec.hostname.clone().unwrap_or_else(|| pref.name.clone());
+        let changed = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        let mut runners = tokio::task::JoinSet::new();
+        let mut containers = Vec::new();
+        let mut logs = Vec::new();
+        let volumes: HashMap<String, PathBuf> = spec
+            .volumes
+            .iter()
+            .filter(|v| v.empty_dir.is_some())
+            .map(|v| (v.name.clone(), dir.join("volumes").join(&v.name)))
+            .collect();
+        for p in volumes.values() {
+            let _ = std::fs::create_dir_all(p);
+        }
+        for c in &spec.containers {
+            let prev_cs = prev.container_statuses.iter().find(|s| s.name == c.name);
+            let restart_count = prev_cs.map_or(0, |s| s.restart_count)
+                + i32::from(
+                    prev_cs
+                        .is_some_and(|s| s.state.as_ref().is_some_and(|st| st.running.is_some())),
+                );
+            let shared = Arc::new(Shared {
+                status: Mutex::new(ContainerStatus {
+                    name: c.name.clone(),
+                    ready: false,
+                    restart_count,
+                    image: c.image.clone(),
+                    image_id: None,
+                    container_id: None,
+                    started: Some(false),
+                    state: Some(waiting("ContainerCreating", None)),
+                    last_state: prev_cs.and_then(|s| s.last_state.clone()),
+                }),
+                changed: changed.clone(),
+            });
+            let log = ctx
+                .logs
+                .open(pref, &c.name, dir.join(format!("{}.log", c.name)));
+            logs.push(log.clone());
+            let mut env: Vec<(String, String)> = vec![("HOSTNAME".into(), hostname.clone())];
+            env.extend(
+                c.env
+                    .iter()
+                    .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())),
+            );
+            let mut args = vec![c.name.clone()];
+            args.extend(c.command.iter().skip(1).cloned());
+            args.extend(c.args.iter().cloned());
+            let mounts = c
+                .volume_mounts
+                .iter()
+                .filter_map(|m| {
+                    volumes.get(&m.name).map(|host| Mount {
+                        host: host.clone(),
+                        guest: m.mount_path.clone(),
+                        read_only: m.read_only.unwrap_or(false),
+                    })
+                })
+                .collect();
+            let config = Arc::new(ContainerConfig {
+                name: c.name.clone(),
+                env,
+                args,
+                mounts,
+                log,
+            });
+            let runner = Runner {
+                ctx: ctx.clone(),
+                pod_key: pref.key(),
+                sandbox: sandbox.clone(),
+                spec: c.clone(),
+                config,
+                shared: shared.clone(),
+                policy,
+                stop: stop.clone(),
+            };
+            runners.spawn(runner.run());
+            containers.push(shared);
+        }
+        let start_time = prev.start_time.unwrap_or_else(Time::now);
+        PodWorker {
+            ctx,
+            pref: PodRef {
+                namespace: pref.namespace.clone(),
+                name: pref.name.clone(),
+                uid: pref.uid.clone(),
+            },
+            sandbox,
+            containers,
+            runners,
+            stop,
+            changed,
+            policy,
+            ip,
+            start_time,
+            last_status: prev,
+            last_written: None,
+            dir,
+            logs,
+        }
+    }
+
+    async fn run(mut self, updates: &mut PodUpdates, shutdown: &CancellationToken) -> Outcome {
+        self.write_status().await;
+        let mut resync = tokio::time::interval(Duration::from_secs(30));
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let outcome = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Outcome::Gone,
+                changed = updates.changed() => {
+                    let current = if changed.is_ok() { updates.borrow_and_update().clone() } else { None };
+                    match current {
+                        None => break Outcome::Gone,
+                        Some(p) if p.metadata.deletion_timestamp.is_some() => {
+                            let grace = p.metadata.deletion_grace_period_seconds
+                                .or(p.spec.termination_grace_period_seconds)
+                                .unwrap_or(30)
+                                .max(0) as u64;
+                            self.terminate(Duration::from_secs(grace)).await;
+                            break Outcome::Deleted;
+                        }
+                        Some(_) => {}
+                    }
+                }
+                _ = self.changed.notified() => self.write_status().await,
+                _ = resync.tick() => { self.last_written = None; self.write_status().await }
+                Some(_) = self.runners.join_next(), if !self.runners.is_empty() => self.write_status().await,
+            }
+        };
+        if matches!(outcome, Outcome::Gone) {
+            self.terminate(Duration::ZERO).await;
+        }
+        for log in &self.logs {
+            log.close();
+        }
+        self.ctx.logs.remove(&self.pref);
+        if matches!(outcome, Outcome::Deleted) {
+            let _ = tokio::fs::remove_dir_all(&self.dir).await;
+        }
+        outcome
+    }
+
+    /// Stops the pod: HTTP components stop taking new connections and in-flight requests
+    /// get `grace` to finish; command components are stopped at once (WASI 0.2 has no
+    /// signals to deliver a SIGTERM with); whatever still runs after `grace` is killed.
+    async fn terminate(&mut self, grace: Duration) {
+        tracing::info!(pod = %self.pref.key(), ?grace, "stopping pod");
+        self.stop.cancel();
+        self.sandbox.tasks.close();
+        let drained = tokio::time::timeout(grace, async {
+            while self.runners.join_next().await.is_some() {}
+            self.sandbox.tasks.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(pod = %self.pref.key(), "grace period over; killing what still runs");
+        }
+        self.sandbox.budget.kill();
+        self.sandbox.kill.cancel();
+        self.runners.abort_all();
+        while self.runners.join_next().await.is_some() {}
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.sandbox.tasks.wait()).await;
+    }
+
+    async fn write_status(&mut self) {
+        let containers: Vec<ContainerStatus> =
+            self.containers.iter().map(|c| c.snapshot()).collect();
+        let st = status::pod_status(StatusInput {
+            containers,
+            policy: self.policy,
+            pod_ip: Some(self.ip.to_string()),
+            host_ip: &self.ctx.cfg.node_ip.to_string(),
+            start_time: self.start_time,
+            prev: &self.last_status,
+            now: Time::now(),
+        });
+        let body = json!({ "status": st });
+        if self.last_written.as_ref() == Some(&body) {
+            return;
+        }
+        let path = format!("{}/status", self.pref.path());
+        match self.ctx.api.merge_patch(&path, &body).await {
+            Ok(_) => {
+                self.last_status = st;
+                self.last_written = Some(body);
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                tracing::warn!(pod = %self.pref.key(), error = %e, "writing pod status failed; retrying");
+                self.changed.notify_one();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+fn sum_limits(
+    containers: &[Container],
+    resource: &str,
+    parse: impl Fn(&wasmctl_api::Quantity) -> Option<i64>,
+) -> Option<i64> {
+    let each: Vec<Option<i64>> = containers
+        .iter()
+        .map(|c| c.resources.limits.get(resource).and_then(&parse))
+        .collect();
+    // A pod-level limit exists only if every container has one (as with cgroups).
+    if each.iter().all(Option::is_some) && !each.is_empty() {
+        Some(each.into_iter().flatten().sum())
+    } else {
+        None
+    }
+}
+
+/// Waits (doing nothing) until a finished pod is deleted, then completes the deletion.
+async fn wait_for_deletion(
+    ctx: &AgentCtx,
+    pref: &PodRef,
+    updates: &mut PodUpdates,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = updates.changed() => {
+                if r.is_err() { return; }
+                let deleting = match &*updates.borrow_and_update() {
+                    None => return,
+                    Some(p) => p.metadata.deletion_timestamp.is_some(),
+                };
+                if deleting {
+                    finalize_delete(ctx, pref).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Removes the stopped pod from the API (grace period 0, only this incarnation: uid
+/// precondition).
+async fn finalize_delete(ctx: &AgentCtx, pref: &PodRef) {
+    let opts = json!({
+        "kind": "DeleteOptions", "apiVersion": "v1",
+        "gracePeriodSeconds": 0,
+        "preconditions": { "uid": pref.uid },
+    });
+    for attempt in 0..5u32 {
+        match ctx.api.delete(&pref.path(), Some(&opts)).await {
+            Ok(_) => return,
+            Err(e) if e.is_not_found() || e.code() == Some(409) => return,
+            Err(e) => {
+                tracing::warn!(pod = %pref.key(), error = %e, attempt, "completing pod deletion failed");
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+        }
+    }
+}
+
+/// Marks a pod this node cannot run as Failed (the kubelet's admission rejection).
+pub async fn reject(ctx: &AgentCtx, pref: &PodRef, reason: &str, message: &str) {
+    let body = json!({ "status": { "phase": "Failed", "reason": reason, "message": message } });
+    if let Err(e) = ctx
+        .api
+        .merge_patch(&format!("{}/status", pref.path()), &body)
+        .await
+    {
+        tracing::warn!(pod = %pref.key(), error = %e, "could not reject the pod");
+    }
+}
+
+/// One container's lifecycle: pull, load, run, probe, restart with back-off.
+struct Runner {
+    ctx: Arc<AgentCtx>,
+    pod_key: String,
+    sandbox: Arc<PodSandbox>,
+    spec: Container,
+    config: Arc<ContainerConfig>,
+    shared: Arc<Shared>,
+    policy: RestartPolicy,
+    stop: CancellationToken,
+}
+
+impl Runner {
+    async fn run(self) {
+        let cfg = &self.ctx.cfg;
+        let mut window_restarts: u32 = 0;
+        let mut failures: u32 = 0;
+        loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let component = match self.prepare().await {
+                Ok(c) => {
+                    failures = 0;
+                    c
+                }
+                Err((reason, message)) => {
+                    failures += 1;
+                    self.shared
+                        .update(|s| s.state = Some(waiting(&reason, Some(message.clone()))));
+                    let delay = restart_delay(failures, cfg.backoff_base, cfg.backoff_max);
+                    let backoff_reason = if reason == "ErrImagePull" {
+                        "ImagePullBackOff"
+                    } else {
+                        reason.as_str()
+                    };
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay.min(Duration::from_secs(1))) => {}
+                    }
+                    self.shared.update(|s| {
+                        s.state = Some(waiting(
+                            backoff_reason,
+                            Some(format!("Back-off {}s: {message}", delay.as_secs())),
+                        ))
+                    });
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay.saturating_sub(Duration::from_secs(1))) => {}
+                    }
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let started_at = Time::now();
+            self.shared.update(|s| {
+                s.state = Some(ContainerState {
+                    running: Some(ContainerStateRunning {
+                        started_at: Some(started_at),
+                    }),
+                    ..Default::default()
+                });
+                s.started = Some(true);
+                s.ready = self.spec.readiness_probe.is_none();
+                s.image_id = Some(component.digest.clone());
+                s.container_id = Some(format!("wasmtime://{}/{}", self.pod_key, self.spec.name));
+            });
+            let exit = self.run_once(&component).await;
+            let finished_at = Time::now();
+            let terminated = ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: exit.code,
+                    signal: None,
+                    reason: Some(exit.reason.clone()),
+                    message: exit.message.clone(),
+                    started_at: Some(started_at),
+                    finished_at: Some(finished_at),
+                }),
+                ..Default::default()
+            };
+            tracing::info!(pod = %self.pod_key, container = %self.spec.name, code = exit.code, reason = %exit.reason, "container exited");
+            if self.stop.is_cancelled() {
+                self.shared.update(|s| {
+                    s.ready = false;
+                    s.state = Some(terminated);
+                });
+                return;
+            }
+            if !self.policy.restarts(exit.code) {
+                self.shared.update(|s| {
+                    s.ready = false;
+                    s.started = Some(false);
+                    s.state = Some(terminated);
+                });
+                return;
+            }
+            if started.elapsed() >= cfg.backoff_reset {
+                window_restarts = 0;
+            }
+            window_restarts += 1;
+            let delay = restart_delay(window_restarts - 1, cfg.backoff_base, cfg.backoff_max);
+            self.shared.update(|s| {
+                s.ready = false;
+                s.started = Some(false);
+                s.last_state = Some(terminated.clone());
+                s.state = Some(if delay.is_zero() {
+                    terminated
+                } else {
+                    waiting(
+                        "CrashLoopBackOff",
+                        Some(format!(
+                            "back-off {}s restarting failed container={} pod={}",
+                            delay.as_secs(),
+                            self.spec.name,
+                            self.pod_key
+                        )),
+                    )
+                });
+            });
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            self.shared.update(|s| s.restart_count += 1);
+        }
+    }
+
+    /// Pull and load; errors are (waiting reason, message).
+    async fn prepare(&self) -> Result<Arc<LoadedComponent>, (String, String)> {
+        let pulled = self
+            .ctx
+            .images
+            .pull(&self.spec.image)
+            .await
+            .map_err(|e| (e.reason().to_string(), e.to_string()))?;
+        self.ctx
+            .runtime
+            .load(&pulled.digest, &pulled.path)
+            .await
+            .map_err(|e| {
+                (
+                    "CreateContainerError".to_string(),
+                    format!("{}: {e}", pulled.digest),
+                )
+            })
+    }
+
+    /// One run of the component, until it exits, is killed by a failed liveness probe, or
+    /// the pod stops.
+    async fn run_once(&self, component: &Arc<LoadedComponent>) -> Exit {
+        let run_stop = self.stop.child_token();
+        let probes = CancellationToken::new();
+        let _probes_guard = probes.clone().drop_guard();
+        let (live_tx, mut live_rx) = mpsc::channel::<String>(1);
+        if let Some(p) = self.spec.liveness_probe.clone() {
+            let target = ProbeTarget::new(self.sandbox.ip, &self.spec);
+            let probes = probes.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = probes.cancelled() => {}
+                    msg = liveness_loop(p, target) => { let _ = live_tx.send(msg).await; }
+                }
+            });
+        }
+        if let Some(p) = self.spec.readiness_probe.clone() {
+            let target = ProbeTarget::new(self.sandbox.ip, &self.spec);
+            let shared = self.shared.clone();
+            let probes = probes.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = probes.cancelled() => {}
+                    _ = readiness_loop(p, target, shared) => {}
+                }
+            });
+        }
+        let liveness_failed = async {
+            match live_rx.recv().await {
+                Some(m) => m,
+                None => std::future::pending().await,
+            }
+        };
+        match component.kind {
+            ComponentKind::Command => {
+                tokio::select! {
+                    exit = self.sandbox.run_command(&self.config, component, run_stop.clone()) => exit,
+                    msg = liveness_failed => {
+                        run_stop.cancel();
+                        unhealthy(msg)
+                    }
+                }
+            }
+            ComponentKind::Http => {
+                let (oom_tx, mut oom_rx) = mpsc::channel(1);
+                let route = Arc::new(HttpRoute {
+                    config: self.config.clone(),
+                    component: component.clone(),
+                    oom: oom_tx,
+                });
+                let mut serving = Vec::new();
+                let mut bind_error = None;
+                for p in &self.spec.ports {
+                    if p.protocol.as_deref().is_some_and(|x| x != "TCP") {
+                        continue;
+                    }
+                    let port = p.container_port as u16;
+                    match tokio::net::TcpListener::bind((self.sandbox.ip, port)).await {
+                        Ok(l) => {
+                            self.sandbox.add_route(port, route.clone());
+                            let h = self.sandbox.tasks.spawn(self.sandbox.clone().serve_port(
+                                port,
+                                l,
+                                run_stop.clone(),
+                            ));
+                            serving.push((port, h));
+                        }
+                        Err(e) => {
+                            bind_error =
+                                Some(format!("listening on {}:{port}: {e}", self.sandbox.ip));
+                            break;
+                        }
+                    }
+                }
+                let exit = if let Some(msg) = bind_error {
+                    Exit {
+                        code: 1,
+                        reason: "Error".into(),
+                        message: Some(msg),
+                    }
+                } else {
+                    tokio::select! {
+                        Some(exit) = oom_rx.recv() => exit,
+                        msg = liveness_failed => unhealthy(msg),
+                        _ = run_stop.cancelled() => Exit { code: 0, reason: "Completed".into(), message: Some("stopped".into()) },
+                    }
+                };
+                run_stop.cancel();
+                for (port, h) in serving {
+                    self.sandbox.remove_route(port);
+                    let _ = h.await;
+                }
+                exit
+            }
+        }
+    }
+}
+
+fn unhealthy(msg: String) -> Exit {
+    Exit {
+        code: 137,
+        reason: "Error".into(),
+        message: Some(format!(
+            "Container failed liveness probe, will be restarted: {msg}"
+        )),
+    }
+}
+
+/// Where a container's probes connect: the pod IP and its (named) ports.
+#[derive(Clone)]
+struct ProbeTarget {
+    ip: Ipv4Addr,
+    ports: HashMap<String, u16>,
+}
+
+impl ProbeTarget {
+    fn new(ip: Ipv4Addr, c: &Container) -> ProbeTarget {
+        ProbeTarget {
+            ip,
+            ports: c
+                .ports
+                .iter()
+                .filter_map(|p| p.name.clone().map(|n| (n, p.container_port as u16)))
+                .collect(),
+        }
+    }
+    fn port(&self, p: &IntOrString) -> Result<u16, String> {
+        match p {
+            IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("invalid port {n}")),
+            IntOrString::String(s) => self
+                .ports
+                .get(s)
+                .copied()
+                .ok_or_else(|| format!("no container port named {s:?}")),
+        }
+    }
+}
+
+struct ProbeTiming {
+    initial: Duration,
+    period: Duration,
+    timeout: Duration,
+    success: u32,
+    failure: u32,
+}
+
+fn timing(p: &Probe) -> ProbeTiming {
+    let secs = |v: Option<i32>, d: i32| Duration::from_secs(v.unwrap_or(d).max(0) as u64);
+    ProbeTiming {
+        initial: secs(p.initial_delay_seconds, 0),
+        period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
+        timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
+        success: p.success_threshold.unwrap_or(1).max(1) as u32,
+        failure: p.failure_threshold.unwrap_or(3).max(1) as u32,
+    }
+}
+
+/// One probe attempt: Ok on success, Err(message) on failure.
+async fn probe_once(p: &Probe, target: &ProbeTarget, timeout: Duration) -> Result<(), String> {
+    let host = |h: &Option<String>| -> IpAddr {
+        h.as_deref()
+            .and_then(|h| h.parse().ok())
+            .unwrap_or(IpAddr::V4(target.ip))
+    };
+    let attempt = async {
+        if let Some(g) = &p.http_get {
+            let port = target.port(&g.port)?;
+            let path = g.path.clone().unwrap_or_else(|| "/".into());
+            let url = format!("http://{}:{port}{path}", host(&g.host));
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let resp = client
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("Get {url:?}: {e}"))?;
+            let code = resp.status().as_u16();
+            if (200..400).contains(&code) {
+                Ok(())
+            } else {
+                Err(format!("HTTP probe failed with statuscode: {code}"))
+            }
+        } else if let Some(t) = &p.tcp_socket {
+            let port = target.port(&t.port)?;
+            tokio::net::TcpStream::connect((host(&t.host), port))
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("dial tcp {}:{port}: {e}", host(&t.host)))
+        } else {
+            Err("the probe has no handler this node supports (httpGet or tcpSocket)".into())
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("probe timed out after {timeout:?}")),
+    }
+}
+
+/// Returns (with the last failure) once `failureThreshold` consecutive probes failed.
+async fn liveness_loop(p: Probe, target: ProbeTarget) -> String {
+    let t = timing(&p);
+    tokio::time::sleep(t.initial).await;
+    let mut failures = 0;
+    loop {
+        match probe_once(&p, &target, t.timeout).await {
+            Ok(()) => failures = 0,
+            Err(msg) => {
+                failures += 1;
+                if failures >= t.failure {
+                    return msg;
+                }
+            }
+        }
+        tokio::time::sleep(t.period).await;
+    }
+}
+
+async fn readiness_loop(p: Probe, target: ProbeTarget, shared: Arc<Shared>) {
+    let t = timing(&p);
+    tokio::time::sleep(t.initial).await;
+    let (mut ok, mut bad) = (0u32, 0u32);
+    loop {
+        let res = probe_once(&p, &target, t.timeout).await;
+        let ready_now = shared.status.lock().expect("status lock").ready;
+        match res {
+            Ok(()) => {
+                ok += 1;
+                bad = 0;
+                if !ready_now && ok >= t.success {
+                    shared.update(|s| s.ready = true);
+                }
+            }
+            Err(_) => {
+                bad += 1;
+                ok = 0;
+                if ready_now && bad >= t.failure {
+                    shared.update(|s| s.ready = false);
+                }
+            }
+        }
+        // Until the first success, probe quickly so a new pod becomes Ready promptly.
+        let wait = if !ready_now && ok == 0 {
+            t.period.min(Duration::from_millis(250))
+        } else {
+            t.period
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Hands out pod IPs from the node's pod CIDR (in 127.0.0.0/8: every pod its own loopback).
+pub struct IpAllocator {
+    base: u32,
+    size: u32,
+    next: u32,
+    by_uid: HashMap<String, Ipv4Addr>,
+    used: std::collections::HashSet<Ipv4Addr>,
+}
+
+impl IpAllocator {
+    pub fn new(base: Ipv4Addr, prefix: u8) -> IpAllocator {
+        let size = 1u32 << (32 - prefix.clamp(8, 30) as u32);
+        IpAllocator {
+            base: u32::from(base) & !(size - 1),
+            size,
+            next: 2,
+            by_uid: HashMap::new(),
+            used: Default::default(),
+        }
+    }
+
+    fn contains(&self, ip: Ipv4Addr) -> bool {
+        let v = u32::from(ip);
+        v > self.base && v < self.base + self.size - 1
+    }
+
+    /// The pod's IP: the one it had (agent restart) if still free, else the next free one.
+    pub fn allocate(&mut self, uid: &str, previous: Option<&str>) -> Option<Ipv4Addr> {
+        if let Some(ip) = self.by_uid.get(uid) {
+            return Some(*ip);
+        }
+        if let Some(ip) = previous.and_then(|p| p.parse::<Ipv4Addr>().ok()) {
+            if self.contains(ip) && !self.used.contains(&ip) {
+                self.used.insert(ip);
+                self.by_uid.insert(uid.to_string(), ip);
+                return Some(ip);
+            }
+        }
+        for _ in 0..self.size {
+            let cand = Ipv4Addr::from(self.base + self.next);
+            self.next = if self.next + 2 >= self.size {
+                2
+            } else {
+                self.next + 1
+            };
+            if !self.used.contains(&cand) {
+                self.used.insert(cand);
+                self.by_uid.insert(uid.to_string(), cand);
+                return Some(cand);
+            }
+        }
+        None
+    }
+
+    pub fn release(&mut self, uid: &str) {
+        if let Some(ip) = self.by_uid.remove(uid) {
+            self.used.remove(&ip);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_allocation_reuses_and_skips_used() {
+        let mut a = IpAllocator::new("127.1.0.0".parse().unwrap(), 30);
+        // A /30 has .1 and .2 usable; .1 is the gateway-ish first address we skip: only .2.
+        let first = a.allocate("a", None).unwrap();
+        assert_eq!(first, "127.1.0.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(a.allocate("a", None), Some(first));
+        assert_eq!(a.allocate("b", None), None);
+        a.release("a");
+        assert_eq!(a.allocate("b", None), Some(first));
+
+        let mut a = IpAllocator::new("127.1.0.0".parse().unwrap(), 16);
+        assert_eq!(
+            a.allocate("x", Some("127.1.3.4")).unwrap().to_string(),
+            "127.1.3.4"
+        );
+        // Outside the CIDR: a fresh address instead.
+        assert_ne!(
+            a.allocate("y", Some("127.9.0.1")).unwrap().to_string(),
+            "127.9.0.1"
+        );
+        assert_ne!(
+            a.allocate("z", Some("127.1.3.4")).unwrap().to_string(),
+            "127.1.3.4"
+        );
+    }
+}

@@ -1,0 +1,357 @@
+//! The wasmtime side of the agent: one [`Engine`] per agent, one [`Linker`] for every guest,
+//! an on-disk cache of compiled components, and the per-pod sandbox (see [`pod`]).
+//!
+//! Shape (see ARCHITECTURE.md, "A pod in wasmtime"):
+//! - a container is one component, pre-instantiated once per module digest
+//!   ([`LoadedComponent`]); every replica of the same module shares it;
+//! - a `wasi:http/proxy` container gets a fresh Store + instance per request (from the pooling
+//!   allocator, with copy-on-write memory images), a `wasi:cli/command` container one Store for
+//!   its whole run;
+//! - all Stores of a pod share one memory budget and one CPU quota ([`limits`]) and one
+//!   loopback identity (the pod IP, [`sockets`]).
+
+pub mod http;
+pub mod limits;
+pub mod logs;
+pub mod pod;
+pub mod sockets;
+pub mod state;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::error::Context as _;
+use wasmtime::Result;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use state::GuestState;
+
+/// How often the epoch advances: the CPU accounting quantum and the longest a spinning guest
+/// runs before it yields its thread to other tasks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Settings of the agent's one engine.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached (`<dir>/<digest>-<engine hash>.cwasm`).
+    pub cache_dir: PathBuf,
+    /// Concurrent instances (live Stores) the pooling allocator reserves slots for.
+    pub instance_slots: u32,
+    /// Largest linear memory one instance may have, whatever the pod's limit says.
+    pub max_instance_memory: usize,
+}
+
+/// What a component is, told from its exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentKind {
+    /// Exports `wasi:http/incoming-handler`: served per request, in-process.
+    Http,
+    /// Exports `wasi:cli/run`: a long-running worker or a run-to-completion job.
+    Command,
+}
+
+impl std::fmt::Display for ComponentKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ComponentKind::Http => "wasi:http/proxy",
+            ComponentKind::Command => "wasi:cli/command",
+        })
+    }
+}
+
+/// A compiled, linked, pre-instantiated component, shared by every container that runs the
+/// same module digest.
+pub struct LoadedComponent {
+    pub digest: String,
+    pub kind: ComponentKind,
+    pub pre: InstancePre<GuestState>,
+    /// Present for [`ComponentKind::Http`].
+    pub proxy: Option<ProxyPre<GuestState>>,
+}
+
+/// Why a module could not become a runnable component: shown as the container's waiting
+/// reason, never fatal to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a WebAssembly component (a core module? build for wasm32-wasip2): {0}")]
+    NotAComponent(String),
+    #[error("invalid WebAssembly component: {0}")]
+    Invalid(String),
+    #[error(
+        "the component exports neither wasi:http/incoming-handler nor wasi:cli/run (exports: {0})"
+    )]
+    UnknownWorld(String),
+    #[error("the component imports something this node does not provide: {0}")]
+    Link(String),
+    #[error("compile cache: {0}")]
+    Cache(String),
+}
+
+/// The agent's wasmtime runtime.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    cache_dir: PathBuf,
+    engine_hash: String,
+    loaded: Mutex<HashMap<String, Weak<LoadedComponent>>>,
+    /// Serialises compiles: two replicas of a new module compile it once.
+    compile_lock: tokio::sync::Mutex<()>,
+    ticker_stop: Arc<AtomicBool>,
+    ticker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Runtime {
+    pub fn new(cfg: &RuntimeConfig) -> Result<Arc<Runtime>> {
+        let mut pool = PoolingAllocationConfig::new();
+        let slots = cfg.instance_slots.max(16);
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(8))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(8))
+            .total_stacks(slots)
+            .max_core_instances_per_component(32)
+            .max_memories_per_component(4)
+            .max_tables_per_component(16)
+            .max_memory_size(cfg.max_instance_memory)
+            .max_unused_warm_slots(slots.min(256));
+        let mut config = Config::new();
+        config
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .epoch_interruption(true)
+            .memory_init_cow(true)
+            .wasm_component_model(true);
+        let engine = Engine::new(&config).context("creating the wasmtime engine")?;
+
+        let mut linker: Linker<GuestState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .context("linking WASI p2 into the engine")?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .context("linking wasi:http into the engine")?;
+        sockets::add_to_linker(&mut linker).context("linking pod-loopback wasi:sockets")?;
+
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        cfg.max_instance_memory.hash(&mut h);
+        let engine_hash = format!("{:016x}", h.finish());
+        std::fs::create_dir_all(&cfg.cache_dir)
+            .with_context(|| format!("creating {}", cfg.cache_dir.display()))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = engine.clone();
+            let stop = ticker_stop.clone();
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .context("starting the epoch ticker")?
+        };
+        Ok(Arc::new(Runtime {
+            engine,
+            linker,
+            cache_dir: cfg.cache_dir.clone(),
+            engine_hash,
+            loaded: Mutex::new(HashMap::new()),
+            compile_lock: tokio::sync::Mutex::new(()),
+            ticker_stop,
+            ticker: Mutex::new(Some(ticker)),
+        }))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Stops the epoch ticker (guests still running stop advancing their CPU accounting).
+    pub fn shutdown(&self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ticker.lock().expect("ticker lock").take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Returns the loaded component for `digest`, compiling (or reading the compile cache)
+    /// only if no live container uses it already. `module` is the verified module file.
+    pub async fn load(
+        self: &Arc<Self>,
+        digest: &str,
+        module: &Path,
+    ) -> Result<Arc<LoadedComponent>, LoadError> {
+        if let Some(c) = self.cached(digest) {
+            return Ok(c);
+        }
+        let _guard = self.compile_lock.lock().await;
+        if let Some(c) = self.cached(digest) {
+            return Ok(c);
+        }
+        let this = self.clone();
+        let digest_owned = digest.to_string();
+        let module = module.to_path_buf();
+        let loaded =
+            tokio::task::spawn_blocking(move || this.load_blocking(&digest_owned, &module))
+                .await
+                .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
+        let loaded = Arc::new(loaded);
+        self.loaded
+            .lock()
+            .expect("loaded lock")
+            .insert(digest.to_string(), Arc::downgrade(&loaded));
+        Ok(loaded)
+    }
+
+    fn cached(&self, digest: &str) -> Option<Arc<LoadedComponent>> {
+        let mut map = self.loaded.lock().expect("loaded lock");
+        map.retain(|_, w| w.strong_count() > 0);
+        map.get(digest).and_then(Weak::upgrade)
+    }
+
+    fn cache_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.cache_dir
+            .join(format!("{hex}-{}.cwasm", self.engine_hash))
+    }
+
+    fn load_blocking(&self, digest: &str, module: &Path) -> Result<LoadedComponent, LoadError> {
+        let cached = self.cache_path(digest);
+        let component = match self.read_cache(&cached) {
+            Some(c) => c,
+            None => {
+                let bytes = std::fs::read(module)
+                    .map_err(|e| LoadError::Cache(format!("reading {}: {e}", module.display())))?;
+                if !is_component(&bytes) {
+                    return Err(LoadError::NotAComponent(describe_header(&bytes)));
+                }
+                let component = Component::new(&self.engine, &bytes)
+                    .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+                self.write_cache(&cached, &component);
+                component
+            }
+        };
+        let kind = kind_of(&self.engine, &component)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let proxy = match kind {
+            ComponentKind::Http => {
+                Some(ProxyPre::new(pre.clone()).map_err(|e| LoadError::Link(format!("{e:#}")))?)
+            }
+            ComponentKind::Command => None,
+        };
+        Ok(LoadedComponent {
+            digest: digest.to_string(),
+            kind,
+            pre,
+            proxy,
+        })
+    }
+
+    /// Reads a compiled component this agent wrote itself. A stale or damaged file is removed
+    /// and recompiled.
+    fn read_cache(&self, path: &Path) -> Option<Component> {
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the cache directory is private to this agent (created under its data dir),
+        // files are written whole by `write_cache` (temp file + rename) from
+        // `Component::serialize` of this engine configuration, and the file name carries the
+        // engine's compatibility hash; wasmtime additionally checks the header and version.
+        #[allow(unsafe_code)]
+        let res = unsafe { Component::deserialize_file(&self.engine, path) };
+        match res {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "discarding unusable compile cache entry");
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        }
+    }
+
+    fn write_cache(&self, path: &Path, component: &Component) {
+        let res = match component.serialize() {
+            Ok(bytes) => {
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path))
+            }
+            Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
+        };
+        if let Err(e) = res {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the compile cache");
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// `\0asm` followed by the component-model layer/version (`0d 00 01 00`).
+pub fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [0x0d, 0x00, 0x01, 0x00]
+}
+
+fn describe_header(bytes: &[u8]) -> String {
+    if bytes.len() >= 8 && bytes[..4] == *b"\0asm" {
+        if bytes[4..8] == [1, 0, 0, 0] {
+            "this is a core WebAssembly module, not a component".into()
+        } else {
+            format!("unknown WebAssembly version/layer {:02x?}", &bytes[4..8])
+        }
+    } else {
+        let n = bytes.len().min(8);
+        format!(
+            "the file does not start with the WebAssembly magic (first bytes {:02x?}, {} bytes in all)",
+            &bytes[..n],
+            bytes.len()
+        )
+    }
+}
+
+/// Tells the world from the exports: `wasi:http/incoming-handler@0.2.*` or `wasi:cli/run@0.2.*`.
+fn kind_of(engine: &Engine, component: &Component) -> Result<ComponentKind, LoadError> {
+    let ty = component.component_type();
+    let mut names = Vec::new();
+    let mut http = false;
+    let mut run = false;
+    for (name, item) in ty.exports(engine) {
+        if matches!(item.ty, ComponentItem::ComponentInstance(_)) {
+            http |= name.starts_with("wasi:http/incoming-handler@0.2");
+            run |= name.starts_with("wasi:cli/run@0.2");
+        }
+        names.push(name.to_string());
+    }
+    if http {
+        Ok(ComponentKind::Http)
+    } else if run {
+        Ok(ComponentKind::Command)
+    } else {
+        Err(LoadError::UnknownWorld(names.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers() {
+        assert!(is_component(b"\0asm\x0d\x00\x01\x00rest"));
+        assert!(!is_component(b"\0asm\x01\x00\x00\x00"));
+        assert!(describe_header(b"\0asm\x01\x00\x00\x00").contains("core WebAssembly module"));
+        assert!(describe_header(b"GIF89a").contains("magic"));
+    }
+}

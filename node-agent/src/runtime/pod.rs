@@ -1,0 +1,536 @@
+//! One pod = one sandbox: a pod IP (its loopback identity), one memory budget and CPU quota
+//! for all of its Stores, a table of which HTTP component serves which `containerPort`, and
+//! the bounds on concurrent requests and connections.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmtime::error::Context as _;
+use wasmtime::Store;
+use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
+
+use super::http::PodHttpHooks;
+use super::limits::{is_oom, PodBudget, StoreLimiter};
+use super::logs::{ContainerLog, Stream};
+use super::state::GuestState;
+use super::{LoadedComponent, Runtime};
+
+/// What a container is started with (from the pod spec).
+pub struct ContainerConfig {
+    pub name: String,
+    pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
+    pub mounts: Vec<Mount>,
+    pub log: Arc<ContainerLog>,
+}
+
+pub struct Mount {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+/// How a component run ended, in Kubernetes terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i32,
+    /// `Completed`, `Error`, `OOMKilled`.
+    pub reason: String,
+    pub message: Option<String>,
+}
+
+impl Exit {
+    pub fn completed() -> Exit {
+        Exit {
+            code: 0,
+            reason: "Completed".into(),
+            message: None,
+        }
+    }
+    pub fn oom(message: String) -> Exit {
+        Exit {
+            code: 137,
+            reason: "OOMKilled".into(),
+            message: Some(message),
+        }
+    }
+    /// Classifies the result of a guest call.
+    pub fn from_call(res: wasmtime::Result<Result<(), ()>>) -> Exit {
+        match res {
+            Ok(Ok(())) => Exit::completed(),
+            Ok(Err(())) => Exit {
+                code: 1,
+                reason: "Error".into(),
+                message: None,
+            },
+            Err(e) => Exit::from_trap(&e),
+        }
+    }
+    pub fn from_trap(e: &wasmtime::Error) -> Exit {
+        if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+            return if exit.0 == 0 {
+                Exit::completed()
+            } else {
+                Exit {
+                    code: exit.0,
+                    reason: "Error".into(),
+                    message: None,
+                }
+            };
+        }
+        if is_oom(e) {
+            return Exit::oom(format!("{e:#}"));
+        }
+        // A trap is the component's crash (Rust panics abort with `unreachable`): reported
+        // like a native abort.
+        Exit {
+            code: 134,
+            reason: "Error".into(),
+            message: Some(format!("wasm trap: {}", first_lines(&format!("{e:?}"), 12))),
+        }
+    }
+}
+
+fn first_lines(s: &str, n: usize) -> String {
+    s.lines().take(n).collect::<Vec<_>>().join("\n")
+}
+
+/// An HTTP component serving one or more ports of the pod.
+pub struct HttpRoute {
+    pub config: Arc<ContainerConfig>,
+    pub component: Arc<LoadedComponent>,
+    /// Tells the container's runner that a request trapped on the memory limit.
+    pub oom: mpsc::Sender<Exit>,
+}
+
+/// Who a pod's components may reach beyond the pod (`wasmctl.dev/egress` annotation).
+#[derive(Debug, Clone, Default)]
+pub enum Egress {
+    /// Nothing outside the pod (the default).
+    #[default]
+    None,
+    /// Anything.
+    All,
+    /// These hosts (names or IPs), any port.
+    Hosts(Vec<String>),
+}
+
+impl Egress {
+    /// `"*"` = all, otherwise a comma-separated host list.
+    pub fn parse(s: &str) -> Egress {
+        let s = s.trim();
+        if s == "*" {
+            return Egress::All;
+        }
+        let hosts: Vec<String> = s
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        if hosts.is_empty() {
+            Egress::None
+        } else {
+            Egress::Hosts(hosts)
+        }
+    }
+    fn allows_host(&self, host: &str) -> bool {
+        match self {
+            Egress::None => false,
+            Egress::All => true,
+            Egress::Hosts(h) => h.iter().any(|x| x.eq_ignore_ascii_case(host)),
+        }
+    }
+    fn allows_ip(&self, ip: IpAddr) -> bool {
+        match self {
+            Egress::None => false,
+            Egress::All => true,
+            Egress::Hosts(h) => h.iter().any(|x| x.parse::<IpAddr>().ok() == Some(ip)),
+        }
+    }
+}
+
+/// Bounds of one pod's sandbox.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxLimits {
+    pub max_concurrent_requests: usize,
+    pub max_connections: usize,
+    pub request_timeout: Duration,
+    pub max_instance_memory: usize,
+}
+
+pub struct PodSandbox {
+    /// `namespace/name`.
+    pub key: String,
+    pub ip: Ipv4Addr,
+    pub budget: Arc<PodBudget>,
+    runtime: Arc<Runtime>,
+    limits: SandboxLimits,
+    routes: RwLock<HashMap<u16, Arc<HttpRoute>>>,
+    requests: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+    egress: Egress,
+    /// Cancelled when the pod is killed: in-flight guests stop at their next yield.
+    pub kill: CancellationToken,
+    /// In-flight requests and listeners, so termination can drain them.
+    pub tasks: TaskTracker,
+}
+
+impl PodSandbox {
+    pub fn new(
+        key: String,
+        ip: Ipv4Addr,
+        budget: Arc<PodBudget>,
+        runtime: Arc<Runtime>,
+        limits: SandboxLimits,
+        egress: Egress,
+    ) -> Arc<PodSandbox> {
+        Arc::new(PodSandbox {
+            key,
+            ip,
+            budget,
+            runtime,
+            requests: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
+            connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            limits,
+            routes: RwLock::new(HashMap::new()),
+            egress,
+            kill: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn serves_http(&self, port: u16) -> bool {
+        self.routes.read().expect("routes lock").contains_key(&port)
+    }
+
+    pub fn add_route(&self, port: u16, route: Arc<HttpRoute>) {
+        self.routes
+            .write()
+            .expect("routes lock")
+            .insert(port, route);
+    }
+
+    pub fn remove_route(&self, port: u16) {
+        self.routes.write().expect("routes lock").remove(&port);
+    }
+
+    pub fn egress_allows(&self, host: &str) -> bool {
+        self.egress.allows_host(host)
+    }
+
+    /// A Store for one run of a container's component, charged to this pod.
+    pub fn new_store(
+        self: &Arc<Self>,
+        cfg: &ContainerConfig,
+    ) -> wasmtime::Result<Store<GuestState>> {
+        let mut b = WasiCtxBuilder::new();
+        b.envs(&cfg.env)
+            .args(&cfg.args)
+            .stdout(cfg.log.sink(Stream::Stdout))
+            .stderr(cfg.log.sink(Stream::Stderr))
+            .allow_tcp(true)
+            .allow_udp(true)
+            .allow_ip_name_lookup(true);
+        let ip = self.ip;
+        let egress = self.egress.clone();
+        b.socket_addr_check(move |addr, usage| {
+            let ok = socket_allowed(ip, &egress, addr, usage);
+            Box::pin(async move { ok })
+        });
+        for m in &cfg.mounts {
+            let perms = if m.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            b.preopened_dir(&m.host, &m.guest, perms)
+                .with_context(|| format!("mounting {} at {}", m.host.display(), m.guest))?;
+        }
+        let state = GuestState {
+            wasi: b.build(),
+            http: WasiHttpCtx::new(),
+            table: wasmtime::component::ResourceTable::new(),
+            limiter: StoreLimiter::new(self.budget.clone(), self.limits.max_instance_memory),
+            hooks: PodHttpHooks::new(Arc::downgrade(self), self.ip),
+            pod_ip: self.ip,
+        };
+        let mut store = Store::new(self.runtime.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        let budget = self.budget.clone();
+        store.epoch_deadline_callback(move |_| budget.on_tick());
+        Ok(store)
+    }
+
+    /// Runs a `wasi:cli/command` component to its end (or until the pod is killed).
+    pub async fn run_command(
+        self: &Arc<Self>,
+        cfg: &ContainerConfig,
+        component: &LoadedComponent,
+        stop: CancellationToken,
+    ) -> Exit {
+        let mut store = match self.new_store(cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                return Exit {
+                    code: 128,
+                    reason: "StartError".into(),
+                    message: Some(format!("{e:#}")),
+                }
+            }
+        };
+        let run = async {
+            let pre = wasmtime_wasi::p2::bindings::CommandPre::new(component.pre.clone())?;
+            let cmd = pre.instantiate_async(&mut store).await?;
+            cmd.wasi_cli_run().call_run(&mut store).await
+        };
+        tokio::select! {
+            res = run => Exit::from_call(res),
+            _ = stop.cancelled() => Exit { code: 137, reason: "Killed".into(), message: Some("stopped by the agent".into()) },
+            _ = self.kill.cancelled() => Exit { code: 137, reason: "Killed".into(), message: Some("the pod was killed".into()) },
+        }
+    }
+
+    /// Serves one HTTP request with the component on `port`: a fresh instance in a fresh Store.
+    pub async fn handle_http<B>(
+        self: &Arc<Self>,
+        port: u16,
+        req: hyper::Request<B>,
+    ) -> hyper::Response<HyperOutgoingBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let route = self.routes.read().expect("routes lock").get(&port).cloned();
+        let Some(route) = route else {
+            return plain(
+                503,
+                format!("no HTTP component serves port {port} of this pod\n"),
+            );
+        };
+        let permit = match tokio::time::timeout(
+            Duration::from_secs(1),
+            self.requests.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            _ => return plain(503, "the pod is at its concurrent request limit\n".into()),
+        };
+        let Some(proxy) = route.component.proxy.clone() else {
+            return plain(500, "not an HTTP component\n".into());
+        };
+        let mut store = match self.new_store(&route.config) {
+            Ok(s) => s,
+            Err(e) => return plain(500, format!("{e:#}\n")),
+        };
+        let (tx, rx) = oneshot::channel();
+        let prepared = (|| {
+            let mut view = store.data_mut().http();
+            let req = view.new_incoming_request(Scheme::Http, req)?;
+            let out = view.new_response_outparam(tx)?;
+            Ok::<_, wasmtime::Error>((req, out))
+        })();
+        let (wreq, out) = match prepared {
+            Ok(v) => v,
+            Err(e) => return plain(400, format!("{e:#}\n")),
+        };
+        let kill = self.kill.clone();
+        let timeout = self.limits.request_timeout;
+        let task = self.tasks.spawn(async move {
+            let _permit = permit;
+            let call = async {
+                let p = proxy.instantiate_async(&mut store).await?;
+                p.wasi_http_incoming_handler()
+                    .call_handle(&mut store, wreq, out)
+                    .await
+            };
+            tokio::select! {
+                r = tokio::time::timeout(timeout, call) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(wasmtime::Error::msg(format!("request exceeded {timeout:?}"))),
+                },
+                _ = kill.cancelled() => Err(wasmtime::Error::msg("the pod was killed")),
+            }
+        });
+        match rx.await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(code)) => plain(500, format!("component failed the request: {code:?}\n")),
+            Err(_) => {
+                // The component returned (or trapped) without answering.
+                let err = match task.await {
+                    Ok(Ok(())) => "the component did not set a response".to_string(),
+                    Ok(Err(e)) => {
+                        if is_oom(&e) {
+                            let _ = route.oom.try_send(Exit::oom(format!("{e:#}")));
+                        }
+                        format!("{:?}", e)
+                    }
+                    Err(e) => format!("request task failed: {e}"),
+                };
+                plain(500, format!("{}\n", first_lines(&err, 8)))
+            }
+        }
+    }
+
+    /// Accepts HTTP/1.1 and HTTP/2 connections on `listener` (the pod IP and a containerPort)
+    /// and serves them in-process until `stop`.
+    pub async fn serve_port(
+        self: Arc<Self>,
+        port: u16,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => return,
+                p = self.connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let (sock, _peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(pod = %self.key, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = sock.set_nodelay(true);
+            let pod = self.clone();
+            let stop = stop.clone();
+            self.tasks.spawn(async move {
+                let _permit = permit;
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let pod = pod.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(pod.handle_http(port, req).await)
+                        }
+                    },
+                );
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(sock), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The socket policy: bind only the pod IP (what the guest sees as 127.0.0.1/0.0.0.0 was
+/// rewritten before this check), connect only within the pod unless egress allows more.
+fn socket_allowed(
+    pod_ip: Ipv4Addr,
+    egress: &Egress,
+    addr: SocketAddr,
+    usage: SocketAddrUse,
+) -> bool {
+    let ip = addr.ip();
+    let own = ip == IpAddr::V4(pod_ip) || ip.is_unspecified();
+    match usage {
+        SocketAddrUse::TcpBind | SocketAddrUse::TcpListen | SocketAddrUse::UdpBind => own,
+        // Loopback connects arrive from 127.0.0.1 (the kernel's choice of source address).
+        SocketAddrUse::TcpAccept => true,
+        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => {
+            ip == IpAddr::V4(pod_ip) || egress.allows_ip(ip)
+        }
+    }
+}
+
+pub fn plain(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
+    let body = Full::new(Bytes::from(body))
+        .map_err(|never: std::convert::Infallible| match never {})
+        .boxed_unsync();
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_policy() {
+        let ip = Ipv4Addr::new(127, 1, 0, 3);
+        let own: SocketAddr = "127.1.0.3:9000".parse().unwrap();
+        let other_pod: SocketAddr = "127.1.0.4:9000".parse().unwrap();
+        let outside: SocketAddr = "10.0.0.1:443".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        let none = Egress::None;
+        assert!(socket_allowed(ip, &none, own, SocketAddrUse::TcpBind));
+        assert!(socket_allowed(ip, &none, any, SocketAddrUse::TcpBind));
+        assert!(!socket_allowed(
+            ip,
+            &none,
+            other_pod,
+            SocketAddrUse::TcpBind
+        ));
+        assert!(socket_allowed(ip, &none, own, SocketAddrUse::TcpConnect));
+        assert!(!socket_allowed(
+            ip,
+            &none,
+            other_pod,
+            SocketAddrUse::TcpConnect
+        ));
+        assert!(!socket_allowed(
+            ip,
+            &none,
+            outside,
+            SocketAddrUse::TcpConnect
+        ));
+        assert!(socket_allowed(
+            ip,
+            &Egress::All,
+            outside,
+            SocketAddrUse::TcpConnect
+        ));
+        assert!(socket_allowed(
+            ip,
+            &Egress::parse("10.0.0.1, example.com"),
+            outside,
+            SocketAddrUse::TcpConnect
+        ));
+        assert!(Egress::parse("10.0.0.1, Example.com").allows_host("example.COM"));
+        assert!(matches!(Egress::parse(" "), Egress::None));
+    }
+
+    #[test]
+    fn exits() {
+        assert_eq!(Exit::from_call(Ok(Ok(()))).reason, "Completed");
+        assert_eq!(Exit::from_call(Ok(Err(()))).code, 1);
+        let e = wasmtime::Error::new(wasmtime_wasi::I32Exit(3));
+        assert_eq!(Exit::from_trap(&e).code, 3);
+        let e = wasmtime::Error::new(super::super::limits::MemoryLimitExceeded {
+            limit: 1,
+            used: 1,
+            wanted: 1,
+        });
+        assert_eq!(Exit::from_trap(&e).reason, "OOMKilled");
+    }
+}

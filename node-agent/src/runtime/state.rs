@@ -1,0 +1,46 @@
+//! The data of one Store: WASI and wasi:http contexts, the resource table, the Store's share of
+//! the pod budget, and the pod it belongs to (for `localhost` routing and the pod IP).
+
+use std::net::Ipv4Addr;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::http::PodHttpHooks;
+use super::limits::StoreLimiter;
+use super::sockets::PodAddr;
+
+pub struct GuestState {
+    pub wasi: WasiCtx,
+    pub http: WasiHttpCtx,
+    pub table: ResourceTable,
+    pub limiter: StoreLimiter,
+    pub hooks: PodHttpHooks,
+    pub pod_ip: Ipv4Addr,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+impl PodAddr for GuestState {
+    fn pod_ip(&self) -> Ipv4Addr {
+        self.pod_ip
+    }
+}

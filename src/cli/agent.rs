@@ -1,0 +1,168 @@
+//! `wasmctl agent` and `wasmctl up`.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use wasmctl_client::Kubeconfig;
+use wasmctl_control_plane::Server;
+use wasmctl_node_agent::{Agent, AgentConfig};
+
+use super::server::{cancel_on_signals, ServerArgs};
+
+/// Agent settings shared by `agent` and `up`.
+#[derive(Args, Clone)]
+pub struct AgentOpts {
+    /// The address this node reports (InternalIP); its agent endpoint listens here.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub node_ip: Ipv4Addr,
+    /// Pods this node runs at most (the Node's `pods` capacity).
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: u32,
+    /// The node's pod CIDR, inside 127.0.0.0/8 (default 127.<last octet of the node IP>.0.0/16).
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
+    /// Port of the agent endpoint (logs) on the node IP; 0 picks a free one.
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// Interval between node lease renewals.
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    pub lease_renew: Duration,
+    /// First restart back-off (doubles per crash up to --backoff-max).
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    pub backoff_base: Duration,
+    #[arg(long, default_value = "5m", value_parser = super::parse_duration)]
+    pub backoff_max: Duration,
+    /// Concurrent wasm instances the pooling allocator reserves slots for.
+    #[arg(long, default_value_t = 1000)]
+    pub instance_slots: u32,
+    /// Concurrent requests one pod serves; more wait up to 1 s, then get 503.
+    #[arg(long, default_value_t = 256)]
+    pub max_requests_per_pod: usize,
+    /// OCI registries reached over plain HTTP (HOST:PORT), e.g. a local registry.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+}
+
+impl AgentOpts {
+    fn config(&self, name: String, data_dir: PathBuf) -> Result<AgentConfig> {
+        let mut cfg = AgentConfig::new(name, self.node_ip, data_dir);
+        cfg.max_pods = self.max_pods;
+        if let Some(c) = &self.pod_cidr {
+            cfg.pod_cidr = parse_cidr(c)?;
+        }
+        cfg.kubelet_port = self.kubelet_port;
+        cfg.lease_renew = self.lease_renew;
+        cfg.backoff_base = self.backoff_base;
+        cfg.backoff_max = self.backoff_max;
+        cfg.instance_slots = self.instance_slots;
+        cfg.sandbox.max_concurrent_requests = self.max_requests_per_pod;
+        cfg.insecure_registries = self.insecure_registries.clone();
+        Ok(cfg)
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
+    let (ip, len) = s
+        .split_once('/')
+        .with_context(|| format!("invalid --pod-cidr {s:?}: expected A.B.C.D/N"))?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .with_context(|| format!("invalid --pod-cidr {s:?}"))?;
+    let len: u8 = len
+        .parse()
+        .with_context(|| format!("invalid --pod-cidr {s:?}"))?;
+    if ip.octets()[0] != 127 || !(8..=30).contains(&len) {
+        bail!("invalid --pod-cidr {s:?}: pods get loopback addresses, so the CIDR must be inside 127.0.0.0/8 with a prefix of 8 to 30");
+    }
+    Ok((ip, len))
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The node's name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where modules, compiled components, pod logs and volumes live.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: AgentOpts,
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node-1".into())
+}
+
+pub async fn run_agent(kubeconfig: Option<&Path>, args: AgentArgs) -> Result<ExitCode> {
+    let kc = Kubeconfig::load(kubeconfig)?;
+    let name = args.name.unwrap_or_else(default_name);
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| wasmctl_client::default_data_dir().join("agent").join(&name));
+    let cfg = args.opts.config(name, data_dir)?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let agent = Agent::start(cfg.clone(), &kc).await?;
+    println!(
+        "node agent {} running: node IP {}, agent endpoint {}, data in {}",
+        cfg.name,
+        cfg.node_ip,
+        agent.kubelet_addr,
+        cfg.data_dir.display()
+    );
+    agent.run(shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The node's name.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub opts: AgentOpts,
+}
+
+/// The embedded single-node cluster: the control plane and one agent in this process.
+pub async fn run_up(args: UpArgs) -> Result<ExitCode> {
+    // Ctrl-C stops the agent first (its pods stop while the API is still up), then the server.
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let server_shutdown = CancellationToken::new();
+    let server_cfg = args.server.config();
+    let data_dir = server_cfg.data_dir.clone();
+    let server = Server::start(server_cfg, server_shutdown.clone()).await?;
+    let kc = Kubeconfig::load(Some(&server.kubeconfig_path))?;
+    let name = args.name.unwrap_or_else(default_name);
+    let cfg = args.opts.config(name, data_dir.join("agent"))?;
+    let agent = Agent::start(cfg.clone(), &kc).await?;
+    println!("API server listening on {}", server.url);
+    println!("kubeconfig: {}", server.kubeconfig_path.display());
+    println!(
+        "node {} ready on {} (agent endpoint {}); pod logs in {}",
+        cfg.name,
+        cfg.node_ip,
+        agent.kubelet_addr,
+        cfg.data_dir.join("pods").display()
+    );
+    println!(
+        "try: wasmctl --kubeconfig {} get nodes,pods -A",
+        server.kubeconfig_path.display()
+    );
+    let agent_result = agent.run(shutdown).await;
+    server_shutdown.cancel();
+    server.wait().await?;
+    agent_result?;
+    Ok(ExitCode::SUCCESS)
+}
