@@ -8,6 +8,8 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # Tests drive the stock kubectl; `dig` arrives with the DNS issue.
 command -v kubectl >/dev/null 2>&1 || need_apt+=(kubectl)
+# The OCI pull test runs Debian's distribution registry on loopback.
+command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
@@ -17,9 +19,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
 
-# Guest components (wasi-apps/) target wasm32-wasip2.
+# Guest components (wasi-apps/, built by `up` and by the tests) target wasm32-wasip2.
 if command -v rustup >/dev/null 2>&1; then
   rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 \
     || timeout 300 rustup target add wasm32-wasip2 \
-    || echo "warning: could not add the wasm32-wasip2 target (needed only for wasi-apps/)" >&2
+    || echo "warning: could not add the wasm32-wasip2 target (wasi-apps/ and the agent tests need it)" >&2
 fi

@@ -647,3 +647,111 @@ async fn agent_restart_readopts_its_pods() {
         "its port is closed"
     );
 }
+
+/// `wasmctl up`: one process with the control plane and an agent; SIGINT stops it cleanly and
+/// starting it again on the same data directory resumes every pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_runs_an_all_in_one_cluster_and_resumes_after_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let octet = next_node_octet();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let start = || {
+        let mut child = std::process::Command::new(bin())
+            .args(["up", "--name", "node-1", "--kubelet-port", "0", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--pod-cidr")
+            .arg(format!("127.{octet}.0.0/16"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let mut lines = Vec::new();
+        while !lines
+            .iter()
+            .any(|l: &String| l.starts_with("node node-1 ready"))
+        {
+            lines.push(
+                rx.recv_timeout(Duration::from_secs(120))
+                    .expect("wasmctl up announces itself"),
+            );
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("API server listening on https://127.0.0.1:")),
+            "{lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("kubeconfig.yaml")),
+            "{lines:?}"
+        );
+        child
+    };
+    let kubeconfig = dir.path().join("kubeconfig.yaml");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut up = start();
+    let hello = wasi_app("hello");
+    let out = cli(&["push", hello.to_str().unwrap(), "hello:v1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/demo-pod.yaml");
+    let out = cli(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ip = wait_for(
+        Duration::from_secs(60),
+        "the demo pod to answer",
+        || async {
+            let out = cli(&["get", "pod", "hello", "-o", "json"]);
+            let p: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let ip = p["status"]["podIP"].as_str()?.to_string();
+            let (code, body) = http_get(&format!("http://{ip}:8080/")).await?;
+            (code == 200 && body.trim() == "hello from hello").then_some(ip)
+        },
+    )
+    .await;
+    // Ctrl-C: a clean exit.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = up.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        http_get(&format!("http://{ip}:8080/")).await.is_none(),
+        "the pod stopped with the process"
+    );
+    // Again: all state is back and the pod runs on the same IP.
+    let mut up = start();
+    wait_for(
+        Duration::from_secs(60),
+        "the demo pod to answer again",
+        || async {
+            http_get(&format!("http://{ip}:8080/"))
+                .await
+                .filter(|r| r.0 == 200)
+        },
+    )
+    .await;
+    let _ = up.kill();
+    let _ = up.wait();
+}
