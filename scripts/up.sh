@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup-deps.sh
 . scripts/env.sh
 cargo build --locked --bin wasmctl
-(cd wasi-apps && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/wasi-apps" cargo build --locked --release --target wasm32-wasip2)
-APPS="$CARGO_TARGET_DIR/wasi-apps/wasm32-wasip2/release"
+(cd wasi-apps && cargo build --locked --release --target wasm32-wasip2)
+APPS="$PWD/wasi-apps/target/wasm32-wasip2/release"
 
 DATA_DIR="${WASMCTL_DATA_DIR:-$HOME/.wasmctl}"
 mkdir -p "$DATA_DIR"

@@ -148,6 +148,10 @@ pub struct AgentCtx {
     pub pods_dir: PathBuf,
     /// The agent's bearer token: the API server presents it when it proxies log requests.
     pub token: Option<String>,
+    /// When this agent process started (the node conditions' transition time).
+    pub started: wasmctl_api::Time,
+    /// HTTP client of the probes.
+    pub probes: reqwest::Client,
 }
 
 /// A started agent.
@@ -203,6 +207,12 @@ impl Agent {
             logs,
             pods_dir,
             token: kubeconfig.token.clone(),
+            started: wasmctl_api::Time::now(),
+            probes: reqwest::Client::builder()
+                .no_proxy()
+                .pool_max_idle_per_host(0)
+                .build()
+                .context("building the probe client")?,
         });
         node::register(&ctx, kubelet_addr.port())
             .await

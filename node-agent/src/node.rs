@@ -61,10 +61,12 @@ pub fn node_status(ctx: &AgentCtx, kubelet_port: u16) -> Value {
         "pods": ctx.cfg.max_pods.to_string(),
     });
     let now = Time::now();
+    // The conditions became what they are when this agent started.
+    let since = ctx.started;
     let cond = |type_: &str, status: &str, reason: &str, message: &str| {
         json!({
             "type": type_, "status": status, "reason": reason, "message": message,
-            "lastHeartbeatTime": now, "lastTransitionTime": now,
+            "lastHeartbeatTime": now, "lastTransitionTime": since,
         })
     };
     json!({

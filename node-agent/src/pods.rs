@@ -599,7 +599,7 @@ impl Runner {
         let _probes_guard = probes.clone().drop_guard();
         let (live_tx, mut live_rx) = mpsc::channel::<String>(1);
         if let Some(p) = self.spec.liveness_probe.clone() {
-            let target = ProbeTarget::new(self.sandbox.ip, &self.spec);
+            let target = ProbeTarget::new(self.sandbox.ip, &self.spec, self.ctx.probes.clone());
             let probes = probes.clone();
             tokio::spawn(async move {
                 tokio::select! {
@@ -609,7 +609,7 @@ impl Runner {
             });
         }
         if let Some(p) = self.spec.readiness_probe.clone() {
-            let target = ProbeTarget::new(self.sandbox.ip, &self.spec);
+            let target = ProbeTarget::new(self.sandbox.ip, &self.spec, self.ctx.probes.clone());
             let shared = self.shared.clone();
             let probes = probes.clone();
             tokio::spawn(async move {
@@ -705,12 +705,15 @@ fn unhealthy(msg: String) -> Exit {
 struct ProbeTarget {
     ip: Ipv4Addr,
     ports: HashMap<String, u16>,
+    /// The agent's probe client (no proxies, no idle connections kept to pods).
+    http: reqwest::Client,
 }
 
 impl ProbeTarget {
-    fn new(ip: Ipv4Addr, c: &Container) -> ProbeTarget {
+    fn new(ip: Ipv4Addr, c: &Container, http: reqwest::Client) -> ProbeTarget {
         ProbeTarget {
             ip,
+            http,
             ports: c
                 .ports
                 .iter()
@@ -761,13 +764,10 @@ async fn probe_once(p: &Probe, target: &ProbeTarget, timeout: Duration) -> Resul
             let port = target.port(&g.port)?;
             let path = g.path.clone().unwrap_or_else(|| "/".into());
             let url = format!("http://{}:{port}{path}", host(&g.host));
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .timeout(timeout)
-                .build()
-                .map_err(|e| e.to_string())?;
-            let resp = client
+            let resp = target
+                .http
                 .get(&url)
+                .timeout(timeout)
                 .send()
                 .await
                 .map_err(|e| format!("Get {url:?}: {e}"))?;

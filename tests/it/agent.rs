@@ -755,3 +755,49 @@ async fn up_runs_an_all_in_one_cluster_and_resumes_after_ctrl_c() {
     let _ = up.kill();
     let _ = up.wait();
 }
+
+/// Deletion drains: the in-flight request of a deleted pod completes, new connections are
+/// refused, and the pod is removed once it has stopped (well before its grace period ends).
+#[tokio::test(flavor = "multi_thread")]
+async fn deletion_lets_in_flight_requests_finish_within_the_grace_period() {
+    let c = Cluster::start(&[]).await;
+    c.push("hello", "hello:v1");
+    let mut p = pod("draining", json!([hello_container("hello:v1")]));
+    p["spec"]["terminationGracePeriodSeconds"] = json!(20);
+    c.create_pod(p).await;
+    let ip = pod_ip(&c.wait_ready("draining").await);
+    let slow = tokio::spawn({
+        let url = format!("http://{ip}:8080/sleep/1500");
+        async move { http_get(&url).await }
+    });
+    // Delete once the component has started on the request (it logs "sleeping").
+    wait_for(
+        Duration::from_secs(10),
+        "the slow request to be in flight",
+        || async {
+            let out = c.server.wasmctl(&["logs", "draining"]);
+            stdout(&out).contains("sleeping 1500 ms").then_some(())
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let out = c.server.wasmctl(&["delete", "pod", "draining"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, body) = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request completed");
+    assert_eq!(code, 200, "{body}");
+    wait_for(Duration::from_secs(15), "the pod to be removed", || async {
+        c.pod("draining").await.is_null().then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "removed once drained, not after the full grace period"
+    );
+    assert!(
+        http_get(&format!("http://{ip}:8080/")).await.is_none(),
+        "no new connections"
+    );
+}

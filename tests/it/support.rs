@@ -235,16 +235,15 @@ pub fn stderr(o: &std::process::Output) -> String {
 }
 
 /// The built guest components (`wasi-apps/`), built once per test run with the
-/// `wasm32-wasip2` target into `$WASI_APPS_TARGET` (default: beside the cargo target dir).
+/// `wasm32-wasip2` target into `$WASI_APPS_TARGET` (default: `wasi-apps/target`).
 pub fn wasi_app(name: &str) -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = DIR.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("wasi-apps");
+        // In the clone, not the shared target dir: cargo re-links `release/NAME.wasm` only
+        // when it rebuilds, so two clones sharing one target dir would see each other's builds.
         let target = std::env::var_os("WASI_APPS_TARGET")
             .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("wasi-apps"))
-            })
             .unwrap_or_else(|| root.join("target"));
         let status = Command::new("cargo")
             .args([

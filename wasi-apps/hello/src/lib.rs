@@ -41,6 +41,7 @@ fn route(path: &str) -> (u16, String) {
         },
         "sleep" => match arg.parse::<u64>() {
             Ok(ms) => {
+                println!("sleeping {ms} ms");
                 monotonic_clock::subscribe_duration(ms.saturating_mul(1_000_000)).block();
                 (200, format!("slept {ms} ms\n"))
             }
