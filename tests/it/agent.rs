@@ -403,14 +403,7 @@ async fn logs_are_captured_and_stream() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let out = follow.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let rx = stdout_lines(&mut follow);
     let mut got = Vec::new();
     while got.len() < 3 {
         got.push(
@@ -528,10 +521,7 @@ async fn modules_pull_by_digest_and_bad_modules_fail_cleanly() {
 #[tokio::test(flavor = "multi_thread")]
 async fn oci_registry_pull_from_a_local_docker_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let cfg = dir.path().join("registry.yml");
     std::fs::write(
         &cfg,
@@ -654,10 +644,7 @@ async fn agent_restart_readopts_its_pods() {
 async fn up_runs_an_all_in_one_cluster_and_resumes_after_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let octet = next_node_octet();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let start = || {
         let mut child = std::process::Command::new(bin())
             .args(["up", "--name", "node-1", "--kubelet-port", "0", "--listen"])
@@ -670,14 +657,7 @@ async fn up_runs_an_all_in_one_cluster_and_resumes_after_ctrl_c() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let mut lines = Vec::new();
         while !lines
             .iter()

@@ -12,6 +12,24 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_wasmctl")
 }
 
+/// The lines a child prints on its (piped) stdout, read on a thread.
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
 /// Poll `f` until it returns `Some`, or panic after `timeout` with `what`.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
@@ -63,13 +81,7 @@ impl ServerProc {
             .spawn()
             .expect("spawn wasmctl server");
         // Read the announced URL from stdout (the port may have been chosen by the kernel).
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut url = None;
         while url.is_none() {
@@ -336,13 +348,7 @@ impl AgentProc {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn wasmctl agent");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(line) if line.starts_with("node agent") => {}
             other => {

@@ -30,6 +30,9 @@ use super::logs::{ContainerLog, Stream};
 use super::state::GuestState;
 use super::{LoadedComponent, Runtime};
 
+/// Resource handles one Store may hold (each open socket is one, plus its streams).
+pub const MAX_HANDLES_PER_STORE: usize = 4096;
+
 /// What a container is started with (from the pod spec).
 pub struct ContainerConfig {
     pub name: String,
@@ -261,10 +264,13 @@ impl PodSandbox {
             b.preopened_dir(&m.host, &m.guest, perms)
                 .with_context(|| format!("mounting {} at {}", m.host.display(), m.guest))?;
         }
+        let mut table = wasmtime::component::ResourceTable::new();
+        // Bounds the handles (sockets, streams, HTTP fields...) one Store can hold open.
+        table.set_max_capacity(MAX_HANDLES_PER_STORE);
         let state = GuestState {
             wasi: b.build(),
             http: WasiHttpCtx::new(),
-            table: wasmtime::component::ResourceTable::new(),
+            table,
             limiter: StoreLimiter::new(self.budget.clone(), self.limits.max_instance_memory),
             hooks: PodHttpHooks::new(Arc::downgrade(self), self.ip),
             pod_ip: self.ip,
