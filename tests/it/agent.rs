@@ -781,3 +781,40 @@ async fn deletion_lets_in_flight_requests_finish_within_the_grace_period() {
         "no new connections"
     );
 }
+
+/// A pod serves at most `--max-requests-per-pod` requests at once; the excess waits up to
+/// 1 s for a slot and then gets 503, while the admitted ones complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_per_pod_are_bounded() {
+    let c = Cluster::start(&["--max-requests-per-pod", "2"]).await;
+    c.push("hello", "hello:v1");
+    c.create_pod(pod("busy", json!([hello_container("hello:v1")])))
+        .await;
+    let ip = pod_ip(&c.wait_ready("busy").await);
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(http_get_owned(format!("http://{ip}:8080/sleep/4000"))))
+        .collect();
+    wait_for(
+        Duration::from_secs(10),
+        "both slow requests to be in the component",
+        || async {
+            let out = c.server.wasmctl(&["logs", "busy"]);
+            (stdout(&out).matches("sleeping 4000 ms").count() == 2).then_some(())
+        },
+    )
+    .await;
+    let (code, body) = http_get(&format!("http://{ip}:8080/")).await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("concurrent request limit"), "{body}");
+    for s in slow {
+        assert_eq!(s.await.unwrap().unwrap().0, 200);
+    }
+    assert_eq!(
+        http_get(&format!("http://{ip}:8080/")).await.unwrap().0,
+        200
+    );
+}
+
+async fn http_get_owned(url: String) -> Option<(u16, String)> {
+    http_get(&url).await
+}
