@@ -1,5 +1,6 @@
 //! Pod runtime benchmark: create N `hello` pods with bounded concurrency against a running
 //! `wasmctl up`, and measure per pod, from the moment its POST is sent:
+//! - the POST's own latency (the create's Raft write);
 //! - create -> phase Running and create -> Ready condition True, from a watch opened before
 //!   the first create;
 //! - create -> first HTTP 200 from `http://PODIP:8080/` (the pod IP comes from the watch; the
@@ -10,6 +11,8 @@
 //! nearest rank), plus a `target` line (one pod's IP, for wrk) and up to 20 `not_ready` lines.
 //!
 //! cargo run --example podbench -- KUBECONFIG PODS CONCURRENCY WASMCTL_PID [IMAGE]
+//! (PODBENCH_DUMP=FILE also writes a CSV of per-pod instants; PODBENCH_TIMEOUT_S bounds the
+//! wait for all pods, default 60 s + 1 s per 20 pods)
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -25,6 +28,8 @@ const POLL_EVERY: Duration = Duration::from_millis(1);
 /// What is known about one pod; every instant is set once.
 struct Track {
     created: OnceLock<Instant>,
+    /// The POST's answer arrived.
+    posted: OnceLock<Instant>,
     running: OnceLock<Instant>,
     ready: OnceLock<Instant>,
     first_200: OnceLock<Instant>,
@@ -35,6 +40,7 @@ impl Track {
     fn new() -> Track {
         Track {
             created: OnceLock::new(),
+            posted: OnceLock::new(),
             running: OnceLock::new(),
             ready: OnceLock::new(),
             first_200: OnceLock::new(),
@@ -214,6 +220,7 @@ async fn main() {
         creates.spawn(async move {
             let _ = t.created.set(Instant::now());
             let r = client.post(NS_PODS, &body).await;
+            let _ = t.posted.set(Instant::now());
             drop(permit);
             r.err().map(|e| format!("{name2}: {e}"))
         });
@@ -254,6 +261,7 @@ async fn main() {
             .filter_map(|t| Some(f(t)? - *t.created.get()?))
             .collect()
     };
+    let posted = lat(|t| t.posted.get().copied());
     let running = lat(|t| t.running.get().copied());
     let ready = lat(|t| t.ready.get().copied());
     let first_200 = lat(|t| t.first_200.get().copied());
@@ -262,11 +270,31 @@ async fn main() {
         json!({"bench": "pod_start", "pods": n, "concurrency": conc,
             "create_errors": create_errors.len(),
             "create_wall_s": create_wall.as_secs_f64(), "all_ready_wall_s": all_wall.as_secs_f64(),
-            "create_to_running_ms": summary(running), "create_to_ready_ms": summary(ready),
+            "create_post_ms": summary(posted), "create_to_running_ms": summary(running), "create_to_ready_ms": summary(ready),
             "create_to_first_200_ms": summary(first_200),
             "watch_reconnects": reconnects.load(std::sync::atomic::Ordering::Relaxed),
             "poll_interval_ms": POLL_EVERY.as_millis() as u64})
     );
+    // PODBENCH_DUMP=FILE: one CSV row per pod (ms after the first create; empty if never).
+    if let Ok(path) = std::env::var("PODBENCH_DUMP") {
+        let ms = |i: Option<&Instant>| {
+            i.map(|i| format!("{:.3}", (*i - start).as_micros() as f64 / 1000.0))
+                .unwrap_or_default()
+        };
+        let mut csv = String::from("pod,created_ms,posted_ms,running_ms,ready_ms,first_200_ms\n");
+        for name in &names {
+            let t = &tracks[name];
+            csv += &format!(
+                "{name},{},{},{},{},{}\n",
+                ms(t.created.get()),
+                ms(t.posted.get()),
+                ms(t.running.get()),
+                ms(t.ready.get()),
+                ms(t.first_200.get())
+            );
+        }
+        std::fs::write(&path, csv).expect("PODBENCH_DUMP");
+    }
     for e in create_errors.iter().take(5) {
         eprintln!("create error: {e}");
     }

@@ -3,17 +3,18 @@
 # in a temp dir, `hello` pushed, then `examples/podbench.rs`: N pods created with bounded
 # concurrency, create -> Running / Ready (watch) / first HTTP 200 per pod, RSS per idle pod,
 # a GET of every pod; then wrk against one pod; then, in a fresh `wasmctl up`, a bigger
-# density run. Prints the JSON lines and a markdown table.
+# density run. Before all that, a fresh `wasmctl up` with pods created one at a time (the
+# uncontended start latency). Prints the JSON lines and a markdown table.
 #   BENCH_PODS (1000), BENCH_PODS_BIG (5000; 0 skips), BENCH_CONCURRENCY (16),
+#   BENCH_PODS_SERIAL (100, created at concurrency 1; 0 skips),
 #   BENCH_WRK_ARGS (-t2 -c32 -d10s), BENCH_INSTANCE_SLOTS (2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
 cargo build --locked --bin wasmctl --example podbench
-HELLO="$CARGO_TARGET_DIR/wasi-apps/wasm32-wasip2/release/hello.wasm"
-[ -f "$HELLO" ] || (cd wasi-apps && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/wasi-apps" \
-  cargo build --release --target wasm32-wasip2)
+(cd wasi-apps && cargo build --locked --release --target wasm32-wasip2)
+HELLO="$PWD/wasi-apps/target/wasm32-wasip2/release/hello.wasm"
 PODBENCH="$CARGO_TARGET_DIR/debug/examples/podbench"
 N="${BENCH_PODS:-1000}"; BIG="${BENCH_PODS_BIG:-5000}"; CONC="${BENCH_CONCURRENCY:-16}"
 SLOTS="${BENCH_INSTANCE_SLOTS:-2000}"; WRK_ARGS="${BENCH_WRK_ARGS:--t2 -c32 -d10s}"
@@ -28,7 +29,8 @@ stop_up() {
   wait "$UP_PID" 2>/dev/null || true
   UP_PID=
 }
-cleanup() { stop_up; rm -rf "$WORK"; }
+WT_PID=
+cleanup() { [ -z "$WT_PID" ] || kill "$WT_PID" 2>/dev/null || true; stop_up; if [ -n "${BENCH_KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
 trap cleanup EXIT
 
 # start_up NAME MAX_PODS: a fresh `wasmctl up` in $WORK/NAME (pods in 127.77.0.0/16, away
@@ -52,6 +54,13 @@ start_up() {
 echo "wasmctl: $("$WASMCTL_BIN" --version); wrk: $(wrk -v 2>&1 | head -1); $(nproc) cores"
 OUT="$WORK/results.jsonl"
 : >"$OUT"
+
+SERIAL="${BENCH_PODS_SERIAL:-100}"
+if [ "$SERIAL" -gt 0 ]; then
+  start_up run0 $((SERIAL + 10))
+  "$PODBENCH" "$KUBECONFIG_PATH" "$SERIAL" 1 "$UP_PID" | tee -a "$OUT"
+  stop_up
+fi
 
 start_up run1 $((N + 10))
 "$PODBENCH" "$KUBECONFIG_PATH" "$N" "$CONC" "$UP_PID" | tee -a "$OUT"
@@ -83,7 +92,7 @@ if command -v wasmtime >/dev/null; then
   for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18080/ >/dev/null && break; sleep 0.1; done
   # shellcheck disable=SC2086
   wrk $WRK_ARGS --latency http://127.0.0.1:18080/ | tee "$WORK/wrk-wasmtime.txt"
-  kill "$WT_PID"; wait "$WT_PID" 2>/dev/null || true
+  kill "$WT_PID"; wait "$WT_PID" 2>/dev/null || true; WT_PID=
   python3 - "$WORK/wrk-wasmtime.txt" "$WRK_ARGS" >>"$OUT" <<'PY'
 import json, re, sys
 t = open(sys.argv[1]).read()
@@ -111,23 +120,24 @@ echo
 python3 - "$OUT" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| pods | measurement | p50 | p99 | max | samples |")
-print("|-----:|-------------|----:|----:|----:|--------:|")
+print("| pods | creates in flight | measurement | p50 | p99 | max | samples |")
+print("|-----:|------------------:|-------------|----:|----:|----:|--------:|")
 for r in rows:
     if r["bench"] != "pod_start":
         continue
-    for key, label in [("create_to_running_ms", "create -> Running (watch)"),
+    for key, label in [("create_post_ms", "POST answered"),
+                       ("create_to_running_ms", "create -> Running (watch)"),
                        ("create_to_ready_ms", "create -> Ready (watch)"),
                        ("create_to_first_200_ms", "create -> first HTTP 200")]:
         s = r[key]
-        print(f"| {r['pods']} | {label} | {s['p50']} ms | {s['p99']} ms | {s['max']} ms | {s['n']} |")
+        print(f"| {r['pods']} | {r['concurrency']} | {label} | {s['p50']} ms | {s['p99']} ms | {s['max']} ms | {s['n']} |")
 print()
 print("| pods | RSS before | RSS with all pods idle | RSS per idle pod | GET / of every pod: ok / failed |")
 print("|-----:|-----------:|-----------------------:|-----------------:|------------------:|")
 for r in rows:
     if r["bench"] == "density":
         print(f"| {r['pods']} | {r['rss_before_kib']} KiB | {r['rss_after_kib']} KiB | "
-              f"{r['rss_per_pod_kib']:.1f} KiB | {r['http_ok']} / {r['http_failed']} |")
+              f"{r['rss_per_pod_kib']} KiB | {r['http_ok']} / {r['http_failed']} |")
 print()
 print("| system | wrk | pods on the node | req/s | p50 | p99 | non-2xx | socket errors |")
 print("|--------|-----|--------------------:|------:|----:|----:|--------:|---------------|")
