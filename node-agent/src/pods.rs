@@ -46,6 +46,9 @@ impl PodRef {
     }
 }
 
+/// How long a new pod may go without a status write while its containers are being created.
+const FIRST_REPORT: Duration = Duration::from_millis(250);
+
 /// What the worker learns from the API: the latest object, or `None` once it is gone.
 pub type PodUpdates = watch::Receiver<Option<Pod>>;
 
@@ -277,12 +280,21 @@ impl PodWorker {
     }
 
     async fn run(mut self, updates: &mut PodUpdates, shutdown: &CancellationToken) -> Outcome {
-        self.write_status().await;
-        let mut resync = tokio::time::interval(Duration::from_secs(30));
+        // The first status is written when a container changes state (usually Running, a
+        // few ms in), or after FIRST_REPORT if pulls take longer: one write per start.
+        let first_report = tokio::time::sleep(FIRST_REPORT);
+        tokio::pin!(first_report);
+        let mut reported = false;
+        let period = Duration::from_secs(30);
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Outcome::Gone,
+                _ = &mut first_report, if !reported => {
+                    reported = true;
+                    self.write_status().await;
+                }
                 changed = updates.changed() => {
                     let current = if changed.is_ok() { updates.borrow_and_update().clone() } else { None };
                     match current {
