@@ -171,6 +171,7 @@ impl Agent {
     ) -> anyhow::Result<Agent> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        raise_fd_limit(cfg.max_pods);
         let api = Client::new(kubeconfig).context("building the API client")?;
         let runtime = Runtime::new(&RuntimeConfig {
             cache_dir: cfg.data_dir.join("compiled"),
@@ -245,6 +246,29 @@ impl Agent {
         }
         ctx.runtime.shutdown();
         Ok(())
+    }
+}
+
+/// Every pod holds sockets (one listener per HTTP port, connections) and log files: raise
+/// the soft descriptor limit to the hard one, and say so if `--max-pods` may not fit.
+fn raise_fd_limit(max_pods: u32) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // One listener per idle HTTP pod, plus room for connections, logs and the API client.
+    let wanted = u64::from(max_pods) + 1024;
+    if limit < wanted {
+        tracing::warn!(
+            limit,
+            max_pods,
+            "the open-file limit may be too low for --max-pods; raise `ulimit -n`"
+        );
     }
 }
 

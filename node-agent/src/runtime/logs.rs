@@ -79,8 +79,11 @@ struct Inner {
     lines: VecDeque<LogLine>,
     bytes: usize,
     next_seq: u64,
+    /// Opened on the first line: an idle container holds no file descriptor.
     file: Option<File>,
     file_len: u64,
+    /// Opening failed once (warned): keep the log in memory only.
+    file_failed: bool,
     closed: bool,
 }
 
@@ -95,30 +98,14 @@ pub struct ContainerLog {
 impl ContainerLog {
     /// `path`: the log file (its parent must exist); `None` keeps logs in memory only.
     pub fn new(path: Option<PathBuf>, limits: LogLimits) -> Arc<ContainerLog> {
-        let (file, file_len) = match &path {
-            Some(p) => match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-            {
-                Ok(f) => {
-                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    (Some(f), len)
-                }
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "cannot open the container log file; keeping logs in memory only");
-                    (None, 0)
-                }
-            },
-            None => (None, 0),
-        };
         Arc::new(ContainerLog {
             inner: Mutex::new(Inner {
                 lines: VecDeque::new(),
                 bytes: 0,
                 next_seq: 0,
-                file,
-                file_len,
+                file: None,
+                file_len: 0,
+                file_failed: false,
                 closed: false,
             }),
             notify: Notify::new(),
@@ -134,7 +121,7 @@ impl ContainerLog {
         let mut g = self.inner.lock().expect("log lock");
         let seq = g.next_seq;
         g.next_seq += 1;
-        if g.file.is_some() {
+        if self.path.is_some() && !g.file_failed {
             let rec = format!(
                 "{} {} F {}\n",
                 time.to_rfc3339_opts(SecondsFormat::Nanos, true),
@@ -160,6 +147,24 @@ impl ContainerLog {
     }
 
     fn write_file(&self, g: &mut Inner, rec: &[u8]) {
+        let Some(path) = &self.path else { return };
+        if g.file.is_none() {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(f) => {
+                    g.file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    g.file = Some(f);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot open the container log file; keeping logs in memory only");
+                    g.file_failed = true;
+                    return;
+                }
+            }
+        }
         if g.file_len + rec.len() as u64 > self.limits.file_bytes {
             if let Some(p) = &self.path {
                 let rotated = p.with_extension("log.1");
