@@ -157,16 +157,26 @@ async fn main() {
         "metadata": {"name": warm, "labels": {"app": "podbench-warmup", "run": run}},
         "spec": {"nodeName": "node-1", "containers": [{"name": "hello", "image": image,
             "ports": [{"containerPort": 8080}]}]}});
-    client.post(NS_PODS, &warm_body).await.expect("creating the warm-up pod");
+    client
+        .post(NS_PODS, &warm_body)
+        .await
+        .expect("creating the warm-up pod");
     let warm_deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let p = client.get(&format!("{NS_PODS}/{warm}")).await.expect("reading the warm-up pod");
+        let p = client
+            .get(&format!("{NS_PODS}/{warm}"))
+            .await
+            .expect("reading the warm-up pod");
         if let Some(ip) = p["status"]["podIP"].as_str() {
             if get_ok(&http, ip).await {
                 break;
             }
         }
-        assert!(Instant::now() < warm_deadline, "the warm-up pod never answered: {}", p["status"]);
+        assert!(
+            Instant::now() < warm_deadline,
+            "the warm-up pod never answered: {}",
+            p["status"]
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
