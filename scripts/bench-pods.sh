@@ -51,6 +51,22 @@ start_up() {
   "$WASMCTL_BIN" --kubeconfig "$KUBECONFIG_PATH" push "$HELLO" hello:v1 >/dev/null
 }
 
+# wrk_json SYSTEM URL IDLE_PODS WRK_OUTPUT: one JSON line from wrk's --latency report.
+wrk_json() {
+  python3 - "$@" "$WRK_ARGS" <<'PY'
+import json, re, sys
+system, url, pods, path, args = sys.argv[1:6]
+t = open(path).read()
+def grab(p):
+    m = re.search(p, t, re.M)
+    return m.group(1) if m else None
+print(json.dumps({"bench": "wrk", "system": system, "url": url, "idle_pods": int(pods),
+    "args": args, "req_per_s": grab(r"^Requests/sec:\s+(\S+)"), "p50": grab(r"^\s+50%\s+(\S+)"),
+    "p99": grab(r"^\s+99%\s+(\S+)"), "requests": grab(r"^\s+(\d+) requests in"),
+    "non_2xx": grab(r"Non-2xx or 3xx responses: (\d+)"), "socket_errors": grab(r"Socket errors: (.*)$")}))
+PY
+}
+
 echo "wasmctl: $("$WASMCTL_BIN" --version); wrk: $(wrk -v 2>&1 | head -1); $(nproc) cores"
 OUT="$WORK/results.jsonl"
 : >"$OUT"
@@ -72,18 +88,7 @@ if [ -n "$IP" ]; then
   # shellcheck disable=SC2086
   wrk $WRK_ARGS --latency "http://$IP:8080/" >"$WORK/wrk.txt"
   cat "$WORK/wrk.txt"
-  python3 - "$WORK/wrk.txt" "$IP" "$N" "$WRK_ARGS" >>"$OUT" <<'PY'
-import json, re, sys
-t = open(sys.argv[1]).read()
-def grab(p):
-    m = re.search(p, t, re.M)
-    return m.group(1) if m else None
-print(json.dumps({"bench": "wrk", "system": "wasmctl", "url": f"http://{sys.argv[2]}:8080/",
-    "idle_pods": int(sys.argv[3]), "args": sys.argv[4],
-    "req_per_s": grab(r"^Requests/sec:\s+(\S+)"), "p50": grab(r"^\s+50%\s+(\S+)"),
-    "p99": grab(r"^\s+99%\s+(\S+)"), "requests": grab(r"^\s+(\d+) requests in"),
-    "non_2xx": grab(r"Non-2xx or 3xx responses: (\d+)"), "socket_errors": grab(r"Socket errors: (.*)$")}))
-PY
+  wrk_json wasmctl "http://$IP:8080/" "$N" "$WORK/wrk.txt" >>"$OUT"
   tail -1 "$OUT"
 fi
 if command -v wasmtime >/dev/null; then
@@ -93,18 +98,7 @@ if command -v wasmtime >/dev/null; then
   # shellcheck disable=SC2086
   wrk $WRK_ARGS --latency http://127.0.0.1:18080/ | tee "$WORK/wrk-wasmtime.txt"
   kill "$WT_PID"; wait "$WT_PID" 2>/dev/null || true; WT_PID=
-  python3 - "$WORK/wrk-wasmtime.txt" "$WRK_ARGS" >>"$OUT" <<'PY'
-import json, re, sys
-t = open(sys.argv[1]).read()
-def grab(p):
-    m = re.search(p, t, re.M)
-    return m.group(1) if m else None
-print(json.dumps({"bench": "wrk", "system": "wasmtime serve", "url": "http://127.0.0.1:18080/",
-    "idle_pods": 0, "args": sys.argv[2], "req_per_s": grab(r"^Requests/sec:\s+(\S+)"),
-    "p50": grab(r"^\s+50%\s+(\S+)"), "p99": grab(r"^\s+99%\s+(\S+)"),
-    "requests": grab(r"^\s+(\d+) requests in"),
-    "non_2xx": grab(r"Non-2xx or 3xx responses: (\d+)"), "socket_errors": grab(r"Socket errors: (.*)$")}))
-PY
+  wrk_json "wasmtime serve" http://127.0.0.1:18080/ 0 "$WORK/wrk-wasmtime.txt" >>"$OUT"
 else
   echo "wasmtime not installed: no 'wasmtime serve' baseline (cargo install wasmtime-cli --version 48.0.2 --locked)"
 fi

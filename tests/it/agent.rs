@@ -31,11 +31,13 @@ impl Cluster {
         }
     }
 
+    fn push_file(&self, file: &std::path::Path, reference: &str) -> std::process::Output {
+        self.server
+            .wasmctl(&["push", file.to_str().unwrap(), reference])
+    }
+
     fn push(&self, app: &str, reference: &str) -> String {
-        let file = wasi_app(app);
-        let out = self
-            .server
-            .wasmctl(&["push", file.to_str().unwrap(), reference]);
+        let out = self.push_file(&wasi_app(app), reference);
         assert!(out.status.success(), "push failed: {}", stderr(&out));
         let s = stdout(&out);
         s.split_whitespace()
@@ -456,21 +458,15 @@ async fn modules_pull_by_digest_and_bad_modules_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let corrupt = dir.path().join("corrupt.wasm");
     std::fs::write(&corrupt, b"\0asm\x0d\x00\x01\x00\xff\xff\xff\xff garbage").unwrap();
-    let out = c
-        .server
-        .wasmctl(&["push", corrupt.to_str().unwrap(), "corrupt:v1"]);
+    let out = c.push_file(&corrupt, "corrupt:v1");
     assert!(out.status.success(), "{}", stderr(&out));
     let core = dir.path().join("core.wasm");
     std::fs::write(&core, b"\0asm\x01\x00\x00\x00").unwrap();
-    let out = c
-        .server
-        .wasmctl(&["push", core.to_str().unwrap(), "core:v1"]);
+    let out = c.push_file(&core, "core:v1");
     assert!(out.status.success(), "{}", stderr(&out));
     let notwasm = dir.path().join("x.wasm");
     std::fs::write(&notwasm, b"#!/bin/sh\necho hi\n").unwrap();
-    let out = c
-        .server
-        .wasmctl(&["push", notwasm.to_str().unwrap(), "x:v1"]);
+    let out = c.push_file(&notwasm, "x:v1");
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("not a WebAssembly binary"),
