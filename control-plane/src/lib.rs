@@ -7,6 +7,7 @@ pub mod modules;
 pub mod objects;
 pub mod patch;
 pub mod pki;
+pub mod scheduler;
 pub mod server;
 
 pub use error::ApiError;

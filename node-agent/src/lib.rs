@@ -302,7 +302,6 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
                 continue;
             }
         };
-        backoff = Duration::from_millis(200);
         let rv = list["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or("0")
@@ -323,9 +322,17 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
             "/api/v1/pods?watch=1&fieldSelector={sel}&resourceVersion={rv}&allowWatchBookmarks=true"
         );
         let mut stream = match ctx.api.watch(&path, None).await {
-            Ok(s) => s,
+            Ok(s) => {
+                backoff = Duration::from_millis(200);
+                s
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "watching this node's pods failed; relisting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
