@@ -589,3 +589,55 @@ async fn watch_from_a_compacted_revision_is_gone() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
 }
+
+/// `pods/{name}/binding`: binds an unbound pod once; a second binding is a 409 Conflict.
+#[tokio::test(flavor = "multi_thread")]
+async fn binding_subresource_binds_only_unbound_pods() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &[]).await;
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "hello:v1"}]}});
+    let (code, body) = s
+        .call(Method::POST, "/api/v1/namespaces/default/pods", Some(&pod))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let path = "/api/v1/namespaces/default/pods/p/binding";
+    let bind = |node: &str| {
+        json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+    };
+    let (code, body) = s
+        .call(Method::POST, path, Some(&json!({"kind": "Binding"})))
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("target.name"),
+        "{body}"
+    );
+    let (code, body) = s.call(Method::POST, path, Some(&bind("node-a"))).await;
+    assert_eq!(code, 201, "{body}");
+    let (_, p) = s
+        .call(Method::GET, "/api/v1/namespaces/default/pods/p", None)
+        .await;
+    assert_eq!(p["spec"]["nodeName"], "node-a");
+    let (code, body) = s.call(Method::POST, path, Some(&bind("node-b"))).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("already assigned to node \"node-a\""),
+        "{body}"
+    );
+    let (code, _) = s
+        .call(
+            Method::POST,
+            "/api/v1/namespaces/default/pods/nope/binding",
+            Some(&json!({"kind": "Binding", "metadata": {"name": "nope"},
+                "target": {"kind": "Node", "name": "node-a"}})),
+        )
+        .await;
+    assert_eq!(code, 404);
+    let (code, _) = s.call(Method::GET, path, None).await;
+    assert_eq!(code, 405);
+}

@@ -532,6 +532,20 @@ async fn route_request(
             sub,
         } => {
             let ns = ns.as_deref();
+            if sub.as_deref() == Some("binding") && info.kind == "Pod" {
+                if method != Method::POST {
+                    return Err(ApiError::MethodNotAllowed);
+                }
+                let (ct, body) = read_body(req).await?;
+                let binding = parse_json_body(ct.as_deref(), &body)?;
+                let pod = bind_pod(&state, info, ns.unwrap_or("default"), &name, &binding).await?;
+                tracing::debug!(pod = %name, node = %pod["spec"]["nodeName"], "bound");
+                return Ok(json_response(
+                    StatusCode::CREATED,
+                    &serde_json::to_value(wasmctl_api::Status::success())
+                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                ));
+            }
             if sub.as_deref() == Some("log") && info.kind == "Pod" {
                 if method != Method::GET {
                     return Err(ApiError::MethodNotAllowed);
@@ -688,6 +702,57 @@ async fn modules_route(
         (_, ["push"] | ["resolve"] | ["blobs", _]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::UnknownPath),
     }
+}
+
+/// `POST .../pods/{name}/binding` (a `v1/Binding`): sets `spec.nodeName` only if the pod is
+/// still unbound — the scheduler's compare-and-set; 409 Conflict otherwise.
+async fn bind_pod(
+    state: &ApiState,
+    info: &'static ResourceInfo,
+    ns: &str,
+    name: &str,
+    binding: &Value,
+) -> Result<Value, ApiError> {
+    let invalid = |field: &str, reason: &str| {
+        ApiError::BadRequest(format!("Binding {name:?} is invalid: {field}: {reason}"))
+    };
+    if binding["kind"].as_str().is_some_and(|k| k != "Binding") {
+        return Err(invalid("kind", "must be Binding"));
+    }
+    if let Some(n) = binding["metadata"]["name"].as_str() {
+        if n != name {
+            return Err(invalid("metadata.name", "must match the pod's name"));
+        }
+    }
+    let target = &binding["target"];
+    if target["kind"].as_str().is_some_and(|k| k != "Node") {
+        return Err(invalid("target.kind", "must be Node"));
+    }
+    let node = target["name"].as_str().unwrap_or_default().to_string();
+    if node.is_empty() {
+        return Err(invalid("target.name", "Required value"));
+    }
+    state
+        .objects
+        .guaranteed_update(info, Some(ns), name, None, |current| {
+            if current["metadata"]["deletionTimestamp"].is_string() {
+                return Err(ApiError::conflict(info, name, "the pod is being deleted"));
+            }
+            if let Some(bound) = current["spec"]["nodeName"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+            {
+                return Err(ApiError::conflict(
+                    info,
+                    name,
+                    format!("pod {name} is already assigned to node \"{bound}\""),
+                ));
+            }
+            let mut next = current.clone();
+            next["spec"]["nodeName"] = json!(node);
+            Ok(next)
+        })
+        .await
 }
 
 /// `GET .../pods/{name}/log`: proxied to the agent of the pod's node, streamed back.
