@@ -8,6 +8,7 @@ pub mod objects;
 pub mod patch;
 pub mod pki;
 pub mod scheduler;
+pub mod scheduling;
 pub mod server;
 
 pub use error::ApiError;

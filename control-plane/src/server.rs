@@ -56,6 +56,7 @@ pub struct Server {
     pub url: String,
     pub objects: Objects,
     serve: JoinHandle<Result<()>>,
+    scheduler: JoinHandle<()>,
     store: Store,
 }
 
@@ -111,7 +112,9 @@ impl Server {
         });
         let url = format!("https://{}", pki::server_url(listen));
         let serve = tokio::spawn(apiserver::serve(listener, creds.tls.clone(), state));
+        let scheduler = tokio::spawn(crate::scheduling::run(objects.clone(), shutdown.clone()));
         Ok(Server {
+            scheduler,
             kubeconfig_path: creds.kubeconfig_path,
             url,
             objects,
@@ -123,6 +126,7 @@ impl Server {
     /// Wait for the API server to stop (after shutdown), then close the store cleanly.
     pub async fn wait(self) -> Result<()> {
         let served = self.serve.await.context("API server task")?;
+        self.scheduler.await.context("scheduler task")?;
         self.objects.close().await;
         self.store
             .shutdown()

@@ -814,3 +814,38 @@ async fn concurrent_requests_per_pod_are_bounded() {
 async fn http_get_owned(url: String) -> Option<(u16, String)> {
     http_get(&url).await
 }
+
+/// The scheduler places pods created without `spec.nodeName`; a pod that fits nowhere gets
+/// `PodScheduled=False` with kube-scheduler's reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduler_places_unbound_pods_and_explains_unschedulable_ones() {
+    let c = Cluster::start(&[]).await;
+    c.push("hello", "hello:v1");
+    let mut p = pod("placed", json!([hello_container("hello:v1")]));
+    p["spec"].as_object_mut().unwrap().remove("nodeName");
+    c.create_pod(p).await;
+    let placed = c.wait_ready("placed").await;
+    assert_eq!(placed["spec"]["nodeName"], NODE);
+    let mut big = pod(
+        "too-big",
+        json!([{ "name": "hello", "image": "hello:v1",
+                 "resources": { "requests": { "memory": "64Ti" } } }]),
+    );
+    big["spec"].as_object_mut().unwrap().remove("nodeName");
+    c.create_pod(big).await;
+    let p = c
+        .wait_pod("too-big", "PodScheduled=False", 30, |p| {
+            p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "PodScheduled" && c["status"] == "False")
+            })
+        })
+        .await;
+    let cond = &p["status"]["conditions"][0];
+    assert_eq!(cond["reason"], "Unschedulable");
+    assert_eq!(
+        cond["message"],
+        "0/1 nodes are available: 1 Insufficient memory."
+    );
+    assert!(p["spec"]["nodeName"].as_str().unwrap_or("").is_empty());
+}

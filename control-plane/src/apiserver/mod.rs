@@ -538,7 +538,7 @@ async fn route_request(
                 }
                 let (ct, body) = read_body(req).await?;
                 let binding = parse_json_body(ct.as_deref(), &body)?;
-                let pod = bind_pod(&state, info, ns.unwrap_or("default"), &name, &binding).await?;
+                let pod = bind_pod(&state, ns.unwrap_or("default"), &name, &binding).await?;
                 tracing::debug!(pod = %name, node = %pod["spec"]["nodeName"], "bound");
                 return Ok(json_response(
                     StatusCode::CREATED,
@@ -708,7 +708,6 @@ async fn modules_route(
 /// still unbound — the scheduler's compare-and-set; 409 Conflict otherwise.
 async fn bind_pod(
     state: &ApiState,
-    info: &'static ResourceInfo,
     ns: &str,
     name: &str,
     binding: &Value,
@@ -732,27 +731,7 @@ async fn bind_pod(
     if node.is_empty() {
         return Err(invalid("target.name", "Required value"));
     }
-    state
-        .objects
-        .guaranteed_update(info, Some(ns), name, None, |current| {
-            if current["metadata"]["deletionTimestamp"].is_string() {
-                return Err(ApiError::conflict(info, name, "the pod is being deleted"));
-            }
-            if let Some(bound) = current["spec"]["nodeName"]
-                .as_str()
-                .filter(|n| !n.is_empty())
-            {
-                return Err(ApiError::conflict(
-                    info,
-                    name,
-                    format!("pod {name} is already assigned to node \"{bound}\""),
-                ));
-            }
-            let mut next = current.clone();
-            next["spec"]["nodeName"] = json!(node);
-            Ok(next)
-        })
-        .await
+    crate::scheduling::bind(&state.objects, ns, name, &node).await
 }
 
 /// `GET .../pods/{name}/log`: proxied to the agent of the pod's node, streamed back.
