@@ -527,13 +527,15 @@ async fn oci_registry_pull_from_a_local_docker_registry() {
         ),
     )
     .unwrap();
-    let mut registry = std::process::Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("docker-registry is installed (scripts/setup-deps.sh installs it)");
+    let _registry = KillOnDrop(
+        std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (scripts/setup-deps.sh installs it)"),
+    );
     wait_for(
         Duration::from_secs(30),
         "docker-registry to listen",
@@ -575,8 +577,6 @@ async fn oci_registry_pull_from_a_local_docker_registry() {
         r == "ImagePullBackOff" || r == "ErrImagePull"
     })
     .await;
-    let _ = registry.kill();
-    let _ = registry.wait();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -717,7 +717,7 @@ async fn up_runs_an_all_in_one_cluster_and_resumes_after_ctrl_c() {
         "the pod stopped with the process"
     );
     // Again: all state is back and the pod runs on the same IP.
-    let mut up = start();
+    let _up = KillOnDrop(start());
     wait_for(
         Duration::from_secs(60),
         "the demo pod to answer again",
@@ -728,8 +728,6 @@ async fn up_runs_an_all_in_one_cluster_and_resumes_after_ctrl_c() {
         },
     )
     .await;
-    let _ = up.kill();
-    let _ = up.wait();
 }
 
 /// Deletion drains: the in-flight request of a deleted pod completes, new connections are

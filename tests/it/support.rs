@@ -24,6 +24,16 @@ pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
+/// Kills its child process when dropped (also when a test panics).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
