@@ -401,19 +401,8 @@ impl Client {
         accept: Option<&str>,
     ) -> Result<impl Stream<Item = Result<Value, ClientError>> + use<>, ClientError> {
         let resp = self
-            .builder(Method::GET, path)
-            .header(
-                reqwest::header::ACCEPT,
-                accept.unwrap_or("application/json"),
-            )
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
-            return Err(status_error(status, &bytes));
-        }
+            .get_stream(path, Some(accept.unwrap_or("application/json")))
+            .await?;
         let server = self.base.clone();
         let bytes = resp.bytes_stream();
         Ok(futures_util::stream::unfold(

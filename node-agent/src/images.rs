@@ -42,6 +42,8 @@ pub struct ImageStore {
     api: Client,
     oci: OciPuller,
     max_bytes: u64,
+    /// Digests whose local copy was verified during this run.
+    checked: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// `sha256:<64 hex>`.
@@ -110,6 +112,7 @@ impl ImageStore {
             api,
             oci,
             max_bytes,
+            checked: Default::default(),
         })
     }
 
@@ -187,11 +190,20 @@ impl ImageStore {
             tokio::fs::rename(&tmp, &path).await
         }
         .await;
-        res.map_err(|e| PullError::Failed(format!("storing {digest}: {e}")))
+        res.map_err(|e| PullError::Failed(format!("storing {digest}: {e}")))?;
+        self.checked
+            .lock()
+            .expect("checked lock")
+            .insert(digest.to_string());
+        Ok(())
     }
 
-    /// A local copy exists and still hashes to its name (a damaged file is removed).
+    /// A local copy exists and still hashes to its name (a damaged file is removed). A
+    /// digest is hashed once per agent run, not on every container start.
     async fn verified(&self, path: &Path, digest: &str) -> bool {
+        if self.checked.lock().expect("checked lock").contains(digest) && path.exists() {
+            return true;
+        }
         let Ok(bytes) = tokio::fs::read(path).await else {
             return false;
         };
@@ -199,7 +211,12 @@ impl ImageStore {
         let ok = tokio::task::spawn_blocking(move || sha256_digest(&bytes) == d)
             .await
             .unwrap_or(false);
-        if !ok {
+        if ok {
+            self.checked
+                .lock()
+                .expect("checked lock")
+                .insert(digest.to_string());
+        } else {
             tracing::warn!(path = %path.display(), "removing a damaged module from the local store");
             let _ = tokio::fs::remove_file(path).await;
         }

@@ -294,11 +294,9 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing this node's pods failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !back_off(&mut backoff, &shutdown).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
@@ -328,11 +326,9 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "watching this node's pods failed; relisting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !back_off(&mut backoff, &shutdown).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
@@ -363,6 +359,16 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
     }
     // Shutdown: workers see the cancelled token, stop their pods and return.
     while tasks.join_next().await.is_some() {}
+}
+
+/// Sleeps `backoff` (doubling it up to 5 s for next time); false if shutdown came first.
+async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
+    let wait = *backoff;
+    *backoff = (wait * 2).min(Duration::from_secs(5));
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
 }
 
 async fn dispatch(
