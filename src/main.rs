@@ -44,6 +44,10 @@ enum Command {
     Describe(cli::describe::DescribeArgs),
     /// Delete objects by kind and name, or those in files.
     Delete(cli::delete::DeleteArgs),
+    /// Manage a deployment's rollout: status, history, undo, pause, resume, restart.
+    Rollout(cli::rollout::RolloutArgs),
+    /// Set the number of replicas of a deployment or ReplicaSet.
+    Scale(cli::scale::ScaleArgs),
     /// Print the client and server versions.
     Version,
 }
@@ -81,6 +85,8 @@ fn main() -> ExitCode {
             Command::Get(a) => cli::get::run(kubeconfig.as_deref(), a).await,
             Command::Describe(a) => cli::describe::run(kubeconfig.as_deref(), a).await,
             Command::Delete(a) => cli::delete::run(kubeconfig.as_deref(), a).await,
+            Command::Rollout(a) => cli::rollout::run(kubeconfig.as_deref(), a).await,
+            Command::Scale(a) => cli::scale::run(kubeconfig.as_deref(), a).await,
             Command::Version => cli::version(kubeconfig.as_deref()).await,
         }
     });

@@ -2,6 +2,7 @@
 //! store, and the Kubernetes-shaped HTTPS API server in front of it.
 
 pub mod apiserver;
+pub mod controllers;
 pub mod error;
 pub mod modules;
 pub mod objects;

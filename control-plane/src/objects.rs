@@ -62,6 +62,32 @@ pub struct Objects {
     shutdown: CancellationToken,
 }
 
+/// One write of [`Objects::write_batch`].
+pub enum BatchWrite {
+    /// Replace the object `name` that was read at `mod_revision` by `object` (encoded with
+    /// [`encode_object`]) if it is still at that revision: compare-and-set. `object` is
+    /// written as is: the caller derived it from the object it read, keeping the server-managed
+    /// metadata and bumping `metadata.generation` if it changed the spec of a kind that has one,
+    /// as [`Objects::guaranteed_update`] does. Nothing is defaulted or validated: this is for
+    /// in-process writers of typed objects that set fields needing neither (a binding's
+    /// `spec.nodeName`, a status condition), where a JSON round trip per object would
+    /// dominate the cost.
+    Update {
+        info: &'static ResourceInfo,
+        namespace: Option<String>,
+        name: String,
+        mod_revision: u64,
+        object: Vec<u8>,
+    },
+    /// Create `object` (its namespace and name in `metadata`) if nothing has its name: server-
+    /// managed metadata, defaulting and validation as [`Objects::create`], except that the
+    /// namespace is not checked (the caller writes into a namespace it has just read from).
+    Create {
+        info: &'static ResourceInfo,
+        object: Value,
+    },
+}
+
 /// The object stored under a key, decoded, with its revisions.
 pub struct Current {
     pub object: Value,
@@ -93,7 +119,13 @@ fn set_meta(v: &mut Value, meta: &ObjectMeta) {
 /// The JSON that is stored: the canonical object without `resourceVersion` (it is the key's
 /// mod revision, filled in on every read).
 fn encode_for_store(v: &Value) -> Result<Vec<u8>, ApiError> {
-    let bytes = serde_json::to_vec(&strip_rv(v)).map_err(|e| ApiError::Internal(e.to_string()))?;
+    encode_object(&strip_rv(v))
+}
+
+/// An object as stored (its `metadata.resourceVersion` must be unset), within
+/// [`MAX_OBJECT_BYTES`]: for [`BatchWrite::Update`] of typed objects.
+pub fn encode_object<T: serde::Serialize>(obj: &T) -> Result<Vec<u8>, ApiError> {
+    let bytes = serde_json::to_vec(obj).map_err(|e| ApiError::Internal(e.to_string()))?;
     if bytes.len() > MAX_OBJECT_BYTES {
         return Err(ApiError::TooLarge(format!(
             "object is {} bytes, the limit is {MAX_OBJECT_BYTES}",
@@ -109,6 +141,16 @@ fn strip_rv(v: &Value) -> Value {
         m.remove("resourceVersion");
     }
     v
+}
+
+/// Server-managed metadata of an object being created.
+fn set_new_object_meta(info: &ResourceInfo, meta: &mut ObjectMeta) {
+    meta.uid = Some(uuid::Uuid::new_v4().to_string());
+    meta.creation_timestamp = Some(Time::now());
+    meta.resource_version = None;
+    meta.deletion_timestamp = None;
+    meta.deletion_grace_period_seconds = None;
+    meta.generation = info.generation.then_some(1);
 }
 
 fn random_suffix() -> String {
@@ -417,13 +459,7 @@ impl Objects {
                 meta.name = format!("{g}{}", random_suffix());
             }
         }
-        // Server-managed metadata.
-        meta.uid = Some(uuid::Uuid::new_v4().to_string());
-        meta.creation_timestamp = Some(Time::now());
-        meta.resource_version = None;
-        meta.deletion_timestamp = None;
-        meta.deletion_grace_period_seconds = None;
-        meta.generation = info.generation.then_some(1);
+        set_new_object_meta(info, &mut meta);
         set_meta(&mut body, &meta);
         // Status is owned by controllers: a create starts from the default status, except for
         // Nodes, which agents register together with their status.
@@ -594,7 +630,11 @@ impl Objects {
                 // No change: nothing is written and the resourceVersion stays.
                 return Ok(current);
             }
-            let finished_deleting = meta.deletion_timestamp.is_some() && meta.finalizers.is_empty();
+            // Kubernetes: an object goes once it is deleting, has no finalizers left and no
+            // grace period running (a pod's agent ends that with a delete of grace 0).
+            let finished_deleting = meta.deletion_timestamp.is_some()
+                && meta.finalizers.is_empty()
+                && meta.deletion_grace_period_seconds.unwrap_or(0) == 0;
             let op = if finished_deleting {
                 Op::Delete {
                     key: key.clone(),
@@ -627,6 +667,75 @@ impl Objects {
             name,
             "too many concurrent writers; please try again",
         ))
+    }
+
+    /// Carries out `writes` in ONE Raft entry (one log append and fsync): each write is
+    /// independent, with its own precondition. The outer error is the store's (nothing was
+    /// written); otherwise one result per write, in order: the revision it was written at, or
+    /// why not (`Conflict` when an updated object changed, `NotFound`, `AlreadyExists`, or an
+    /// encoding/validation error for a write that was not sent).
+    pub async fn write_batch(
+        &self,
+        writes: Vec<BatchWrite>,
+    ) -> Result<Vec<Result<u64, ApiError>>, ApiError> {
+        let mut results: Vec<Result<u64, ApiError>> = Vec::with_capacity(writes.len());
+        let mut ops = Vec::with_capacity(writes.len());
+        // (index in `results`, kind, name) of each op sent.
+        let mut sent = Vec::with_capacity(writes.len());
+        for w in writes {
+            let (info, name, op) = match w {
+                BatchWrite::Update {
+                    info,
+                    namespace,
+                    name,
+                    mod_revision,
+                    object,
+                } => {
+                    let op = Op::Put {
+                        key: Self::key(info, namespace.as_deref(), &name),
+                        value: object,
+                        precondition: Precondition::ModRevision(mod_revision),
+                    };
+                    (info, name, Ok(op))
+                }
+                BatchWrite::Create { info, object } => {
+                    let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                    (info, name.clone(), self.batch_create(info, &name, object))
+                }
+            };
+            match op {
+                Ok(op) => {
+                    sent.push((results.len(), info, name));
+                    ops.push(op);
+                    results.push(Ok(0));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        let written = self.store.write(ops).await?;
+        for ((i, info, name), r) in sent.into_iter().zip(written) {
+            results[i] = match r {
+                OpResult::Ok { revision, .. } => Ok(revision),
+                OpResult::Conflict { .. } => Err(ApiError::modified(info, &name)),
+                OpResult::NotFound => Err(ApiError::not_found(info, &name)),
+                OpResult::AlreadyExists => Err(ApiError::already_exists(info, &name)),
+            };
+        }
+        Ok(results)
+    }
+
+    fn batch_create(&self, info: &ResourceInfo, name: &str, object: Value) -> Result<Op, ApiError> {
+        let ns = self.check_namespace_param(info, object["metadata"]["namespace"].as_str())?;
+        let mut body = Self::prepare_body(info, ns.as_deref(), object)?;
+        let mut meta = meta_of(&body)?;
+        set_new_object_meta(info, &mut meta);
+        set_meta(&mut body, &meta);
+        let obj = Self::normalize(info, name, body)?;
+        Ok(Op::Put {
+            key: Self::key(info, ns.as_deref(), name),
+            value: encode_for_store(&obj)?,
+            precondition: Precondition::MustNotExist,
+        })
     }
 
     /// Delete an object: graceful (deletionTimestamp) when finalizers or a running pod need
@@ -687,15 +796,39 @@ impl Objects {
                 }
             }
             let grace = self.grace_period(info, &current, opts);
+            if meta.deletion_timestamp.is_none() {
+                // Foreground and Orphan propagation keep the object (with a finalizer the
+                // garbage collector removes) until its dependents are gone or released.
+                if let Some(f) = propagation_finalizer(opts) {
+                    if !meta.finalizers.iter().any(|x| x == f) {
+                        meta.finalizers.push(f.to_string());
+                    }
+                }
+            }
             let graceful = !meta.finalizers.is_empty() || grace > 0 || info.kind == "Namespace";
             if graceful {
                 if meta.deletion_timestamp.is_some() {
                     // Already terminating; a shorter grace period (e.g. 0 from the agent)
-                    // finishes a pod without finalizers.
-                    if meta.finalizers.is_empty() && grace == 0 && info.kind != "Namespace" {
-                        return self
-                            .delete_now(info, name, &key, kv.mod_revision, current)
-                            .await;
+                    // finishes a pod without finalizers, or ends its grace period so that
+                    // it goes with its last finalizer.
+                    if grace == 0 && info.kind != "Namespace" {
+                        if meta.finalizers.is_empty() {
+                            return self
+                                .delete_now(info, name, &key, kv.mod_revision, current)
+                                .await;
+                        }
+                        if meta.deletion_grace_period_seconds.unwrap_or(0) != 0 {
+                            meta.deletion_grace_period_seconds = Some(0);
+                            let mut next = current.clone();
+                            set_meta(&mut next, &meta);
+                            match self.put_if(&key, &next, kv.mod_revision).await? {
+                                Some(rev) => {
+                                    set_rv(&mut next, rev);
+                                    return Ok(next);
+                                }
+                                None => continue,
+                            }
+                        }
                     }
                     return Ok(current);
                 }
@@ -745,6 +878,31 @@ impl Objects {
             name,
             "too many concurrent writers; please try again",
         ))
+    }
+
+    /// Compare-and-swap put of `obj` at `key`; `None` if the key changed meanwhile.
+    async fn put_if(
+        &self,
+        key: &str,
+        obj: &Value,
+        mod_revision: u64,
+    ) -> Result<Option<u64>, ApiError> {
+        let res = self
+            .store
+            .write(vec![Op::Put {
+                key: key.to_string(),
+                value: encode_for_store(obj)?,
+                precondition: Precondition::ModRevision(mod_revision),
+            }])
+            .await?;
+        match res.into_iter().next() {
+            Some(OpResult::Ok { revision, .. }) => Ok(Some(revision)),
+            Some(OpResult::Conflict { .. }) => Ok(None),
+            Some(OpResult::NotFound) => Err(ApiError::Internal(format!("{key} vanished"))),
+            other => Err(ApiError::Internal(format!(
+                "unexpected store result {other:?}"
+            ))),
+        }
     }
 
     /// The grace period a delete uses: pods bound to a node get time to stop.
@@ -866,6 +1024,23 @@ impl Objects {
             }])
             .await?;
         Ok(true)
+    }
+}
+
+/// The finalizer a delete's propagation policy puts on the object (`orphanDependents` is the
+/// deprecated spelling of Orphan); Background (the default) needs none.
+fn propagation_finalizer(opts: &DeleteOptions) -> Option<&'static str> {
+    let policy = opts
+        .propagation_policy
+        .as_deref()
+        .or(match opts.orphan_dependents {
+            Some(true) => Some("Orphan"),
+            _ => None,
+        });
+    match policy {
+        Some("Foreground") => Some("foregroundDeletion"),
+        Some("Orphan") => Some("orphan"),
+        _ => None,
     }
 }
 

@@ -27,8 +27,11 @@
 //! string and joined with `", "`:
 //! `0/3 nodes are available: 1 node(s) had untolerated taint {key: value}, 2 Insufficient memory.`
 //!
-//! Cost: [`schedule`] is one pass over the nodes with no allocation per node (one scratch
-//! vector per call); the message is built only when nothing fits.
+//! Cost: [`schedule`] is O(nodes) per pod, like kube-scheduler scoring every node: one pass
+//! over the nodes (filters and least-allocated score, no lookup or allocation per node), then
+//! one over the feasible ones with the spreading score read from a table per owner count. A
+//! few scratch vectors per call (feasible nodes; the owner's counts spread out densely once;
+//! the score per count); the message is built only when nothing fits.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -299,26 +302,34 @@ pub enum Decision {
 /// Picks the node for `pod`: the feasible node with the highest score, ties to the smallest
 /// name; or why none fits.
 pub fn schedule(view: &ClusterView, pod: &PodRequest) -> Decision {
-    let owner_counts = pod.owner_uid.as_ref().and_then(|o| view.owners.get(o));
-    // Feasible nodes with their least-allocated score and the owner's pod count there.
-    let mut feasible: Vec<(usize, i64, u32)> = Vec::with_capacity(view.nodes.len());
-    let mut max_count = 0;
+    // Feasible nodes with their least-allocated score: one pass, no lookups.
+    let mut feasible: Vec<(usize, i64)> = Vec::with_capacity(view.nodes.len());
     for (i, node) in view.nodes.iter().enumerate() {
-        if check(node, pod).is_err() {
-            continue;
+        if check(node, pod).is_ok() {
+            feasible.push((i, least_allocated(node, pod)));
         }
-        let count = owner_counts.and_then(|c| c.get(&i).copied()).unwrap_or(0);
-        max_count = max_count.max(count);
-        feasible.push((i, least_allocated(node, pod), count));
     }
+    // The owner's pods per node, spread once from the sparse map into a dense scratch vector
+    // (a hash lookup per node would cost more than the filters).
+    let mut counts = Vec::new();
+    if let Some(owned) = pod.owner_uid.as_ref().and_then(|o| view.owners.get(o)) {
+        counts.resize(view.nodes.len(), 0u32);
+        for (&i, &c) in owned {
+            counts[i] = c;
+        }
+    }
+    let count = |i: usize| counts.get(i).copied().unwrap_or(0);
+    let max_count = feasible.iter().map(|&(i, _)| count(i)).max().unwrap_or(0);
+    // The spreading score by the owner's pod count on a node, computed once per count.
+    let spread: Vec<i64> = (0..=max_count)
+        .map(|c| match max_count {
+            0 => MAX_NODE_SCORE,
+            max => MAX_NODE_SCORE * i64::from(max - c) / i64::from(max),
+        })
+        .collect();
     let mut best: Option<(usize, i64)> = None;
-    for &(i, least, count) in &feasible {
-        let spread = if max_count == 0 {
-            MAX_NODE_SCORE
-        } else {
-            MAX_NODE_SCORE * i64::from(max_count - count) / i64::from(max_count)
-        };
-        let score = least + SPREAD_WEIGHT * spread;
+    for &(i, least) in &feasible {
+        let score = least + SPREAD_WEIGHT * spread[count(i) as usize];
         // Nodes are sorted by name: a strict comparison keeps the smallest name on ties.
         if best.is_none_or(|(_, s)| score > s) {
             best = Some((i, score));
@@ -379,8 +390,9 @@ fn check(node: &NodeInfo, pod: &PodRequest) -> Result<(), Misfit> {
     Ok(())
 }
 
-/// Kubernetes' `Toleration.ToleratesTaint`.
-fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
+/// Kubernetes' `Toleration.ToleratesTaint` (also used by the taint-based eviction of the
+/// node lifecycle controller).
+pub fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
     let effect = tol.effect.as_deref().unwrap_or("");
     if !effect.is_empty() && effect != taint.effect {
         return false;
@@ -412,8 +424,14 @@ fn least_allocated(node: &NodeInfo, pod: &PodRequest) -> i64 {
         if allocatable <= 0 || requested > allocatable {
             return 0;
         }
-        let free = i128::from(allocatable - requested) * i128::from(MAX_NODE_SCORE);
-        (free / i128::from(allocatable)) as i64
+        let free = allocatable - requested;
+        match free.checked_mul(MAX_NODE_SCORE) {
+            Some(f) => f / allocatable,
+            // Beyond ~92 PB of memory: exact in 128 bits.
+            None => {
+                (i128::from(free) * i128::from(MAX_NODE_SCORE) / i128::from(allocatable)) as i64
+            }
+        }
     }
     let used = &node.non_zero_requested;
     let cpu = score(

@@ -32,6 +32,7 @@ pub struct ServerConfig {
     pub fsync: bool,
     /// Raft log entries between snapshots.
     pub snapshot_logs: u64,
+    pub controllers: crate::controllers::ControllerConfig,
 }
 
 impl ServerConfig {
@@ -46,6 +47,7 @@ impl ServerConfig {
             tls_sans: Vec::new(),
             fsync: true,
             snapshot_logs: 10_000,
+            controllers: Default::default(),
         }
     }
 }
@@ -57,6 +59,7 @@ pub struct Server {
     pub objects: Objects,
     serve: JoinHandle<Result<()>>,
     scheduler: JoinHandle<()>,
+    controllers: tokio::task::JoinSet<()>,
     store: Store,
 }
 
@@ -113,8 +116,11 @@ impl Server {
         let url = format!("https://{}", pki::server_url(listen));
         let serve = tokio::spawn(apiserver::serve(listener, creds.tls.clone(), state));
         let scheduler = tokio::spawn(crate::scheduling::run(objects.clone(), shutdown.clone()));
+        let controllers =
+            crate::controllers::start(objects.clone(), cfg.controllers.clone(), shutdown.clone());
         Ok(Server {
             scheduler,
+            controllers,
             kubeconfig_path: creds.kubeconfig_path,
             url,
             objects,
@@ -127,6 +133,10 @@ impl Server {
     pub async fn wait(self) -> Result<()> {
         let served = self.serve.await.context("API server task")?;
         self.scheduler.await.context("scheduler task")?;
+        let mut controllers = self.controllers;
+        while let Some(r) = controllers.join_next().await {
+            r.context("controller task")?;
+        }
         self.objects.close().await;
         self.store
             .shutdown()

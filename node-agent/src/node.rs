@@ -184,7 +184,25 @@ async fn renew_lease(ctx: &AgentCtx) -> Result<(), wasmctl_client::ClientError> 
     }
 }
 
-/// Renews the Lease every `lease_renew` and re-posts the node status every `status_report`.
+/// Whether the Node as stored says `Ready=True`. After an outage the node lifecycle
+/// controller has set it `Unknown`; a healthy agent then reports at once rather than at the
+/// next `status_report`. An error counts as ready (the status loop retries anyway).
+async fn stored_ready(ctx: &AgentCtx) -> bool {
+    match ctx
+        .api
+        .get(&format!("/api/v1/nodes/{}", ctx.cfg.name))
+        .await
+    {
+        Ok(node) => node["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .is_some_and(|c| c["status"] == "True"),
+        Err(_) => true,
+    }
+}
+
+/// Renews the Lease every `lease_renew` and re-posts the node status every `status_report`,
+/// and right after a renewal if the stored Node is not `Ready=True`.
 pub async fn heartbeat(ctx: Arc<AgentCtx>, kubelet_port: u16, shutdown: CancellationToken) {
     let mut lease = tokio::time::interval(ctx.cfg.lease_renew);
     let mut status = tokio::time::interval(ctx.cfg.status_report);
@@ -197,6 +215,9 @@ pub async fn heartbeat(ctx: Arc<AgentCtx>, kubelet_port: u16, shutdown: Cancella
             _ = lease.tick() => {
                 if let Err(e) = renew_lease(&ctx).await {
                     tracing::warn!(error = %e, "renewing the node lease failed");
+                } else if !stored_ready(&ctx).await {
+                    tracing::info!("the node is not Ready=True in the API; reporting its status");
+                    status.reset_immediately();
                 }
             }
             _ = status.tick() => {

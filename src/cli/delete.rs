@@ -21,8 +21,9 @@ pub struct DeleteArgs {
     pub files: Vec<PathBuf>,
     #[arg(short = 'n', long)]
     pub namespace: Option<String>,
-    /// Background, Foreground or Orphan.
-    #[arg(long, default_value = "Background")]
+    /// How dependents go (kubectl's --cascade): background (deleted after the object),
+    /// foreground (deleted before it) or orphan (kept, without the owner reference).
+    #[arg(long = "cascade", default_value = "background", value_parser = parse_cascade)]
     pub cascade_policy: String,
     /// Seconds a pod gets to stop (default: its terminationGracePeriodSeconds).
     #[arg(long)]
@@ -30,6 +31,18 @@ pub struct DeleteArgs {
     /// Treat a missing object as success.
     #[arg(long)]
     pub ignore_not_found: bool,
+}
+
+/// kubectl's `--cascade` values, as the API's `propagationPolicy`.
+fn parse_cascade(s: &str) -> Result<String, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "background" | "true" => Ok("Background".into()),
+        "foreground" => Ok("Foreground".into()),
+        "orphan" | "false" => Ok("Orphan".into()),
+        _ => Err(format!(
+            "invalid --cascade {s:?}: must be \"background\", \"foreground\", or \"orphan\""
+        )),
+    }
 }
 
 async fn delete_one(

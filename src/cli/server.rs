@@ -36,6 +36,11 @@ pub struct ServerArgs {
     /// Raft log entries between snapshots.
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_logs: u64,
+    /// How long a node may go without renewing its Lease before it is marked
+    /// Ready=Unknown and tainted node.kubernetes.io/unreachable (its pods are then evicted
+    /// after their toleration of that taint, 300 s by default).
+    #[arg(long, default_value = "40s", value_parser = super::parse_duration)]
+    pub node_monitor_grace_period: Duration,
 }
 
 impl ServerArgs {
@@ -47,6 +52,7 @@ impl ServerArgs {
         cfg.max_watches = self.max_watches;
         cfg.tls_sans = self.tls_sans.clone();
         cfg.snapshot_logs = self.snapshot_logs;
+        cfg.controllers.node_monitor_grace_period = self.node_monitor_grace_period;
         cfg
     }
 }

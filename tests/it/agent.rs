@@ -846,4 +846,27 @@ async fn scheduler_places_unbound_pods_and_explains_unschedulable_ones() {
         "0/1 nodes are available: 1 Insufficient memory."
     );
     assert!(p["spec"]["nodeName"].as_str().unwrap_or("").is_empty());
+    // And kube-scheduler's event, once, shown by `describe`.
+    let path = "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dtoo-big";
+    let events = wait_for(
+        Duration::from_secs(10),
+        "a FailedScheduling event",
+        || async {
+            let (_, list) = c.server.call(Method::GET, path, None).await;
+            list["items"].as_array().filter(|i| !i.is_empty()).cloned()
+        },
+    )
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], "FailedScheduling");
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["source"]["component"], "default-scheduler");
+    let out = c.server.wasmctl(&["describe", "pod", "too-big"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("Warning  FailedScheduling")
+            && text.contains("default-scheduler  0/1 nodes are available: 1 Insufficient memory."),
+        "{text}"
+    );
 }

@@ -104,6 +104,12 @@ async fn clean_restart_brings_everything_back() {
         )
         .await;
     assert_eq!(code, 201);
+    // A Lease has no controller: its resourceVersion must come back exactly.
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "keep"}, "spec": {"holderIdentity": "x"}});
+    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/default/leases";
+    let (code, lease) = s.call(Method::POST, lease_path, Some(&lease)).await;
+    assert_eq!(code, 201, "{lease}");
     let status = s.terminate();
     assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
     s.restart().await;
@@ -117,7 +123,17 @@ async fn clean_restart_brings_everything_back() {
     assert_eq!(code, 200);
     assert_eq!(got["metadata"]["uid"], created["metadata"]["uid"]);
     assert_eq!(
+        got["metadata"]["generation"],
+        created["metadata"]["generation"]
+    );
+    assert_eq!(got["spec"], created["spec"]);
+    let (code, got) = s
+        .call(Method::GET, &format!("{lease_path}/keep"), None)
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(got["metadata"]["uid"], lease["metadata"]["uid"]);
+    assert_eq!(
         got["metadata"]["resourceVersion"],
-        created["metadata"]["resourceVersion"]
+        lease["metadata"]["resourceVersion"]
     );
 }

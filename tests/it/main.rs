@@ -4,6 +4,8 @@
 mod agent;
 mod api;
 mod cli;
+mod controllers;
 mod durability;
 mod kubectl;
+mod nodes;
 mod support;

@@ -1,0 +1,586 @@
+//! The ReplicaSet controller: keeps `spec.replicas` active pods that match the selector,
+//! owned through a controller ownerReference.
+//!
+//! [`plan`] is the whole decision (adopt, release, create, delete which, status) as a pure
+//! function of the ReplicaSet and its namespace's pods; [`ReplicaSetController`] applies it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use wasmctl_api::apps::{ReplicaSet, ReplicaSetStatus};
+use wasmctl_api::core::Pod;
+use wasmctl_api::meta::{DeleteOptions, ObjectMeta, OwnerReference};
+use wasmctl_api::selector::Selector;
+
+use super::cache::{split_key, Cache};
+use super::{controller_key, pods, replicasets, Ctx, Reconciler, WorkQueue};
+use crate::error::ApiError;
+
+/// At most this many pods are created or deleted per reconcile (Kubernetes' burstReplicas).
+pub const BURST: usize = 500;
+/// Creates and deletes in flight at once (each is one Raft write).
+const CONCURRENCY: usize = 16;
+
+/// What one reconcile of a ReplicaSet does.
+#[derive(Debug, Default, PartialEq)]
+pub struct RsPlan {
+    /// Orphans that match the selector: take ownership.
+    pub adopt: Vec<String>,
+    /// Owned pods that no longer match: drop the ownerReference.
+    pub release: Vec<String>,
+    /// New pods to create from the template.
+    pub create: usize,
+    /// Pods to delete, most expendable first.
+    pub delete: Vec<String>,
+    pub status: ReplicaSetStatus,
+    /// Look again then (a ready pod becomes available after minReadySeconds).
+    pub requeue_after: Option<Duration>,
+}
+
+/// Neither finished nor being deleted.
+pub fn is_active(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && !matches!(
+            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+}
+
+/// Since when the pod's Ready condition has been True.
+pub fn ready_since(p: &Pod) -> Option<DateTime<Utc>> {
+    let c = p
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?;
+    Some(
+        c.last_transition_time
+            .map(|t| t.0)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC),
+    )
+}
+
+/// Ready for at least `min_ready` (Kubernetes' "available").
+pub fn is_available(p: &Pod, min_ready: i32, now: DateTime<Utc>) -> bool {
+    ready_since(p).is_some_and(|t| {
+        min_ready <= 0 || t + chrono::Duration::seconds(i64::from(min_ready)) <= now
+    })
+}
+
+fn is_owned_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.controller().is_some_and(|o| o.uid == uid)
+}
+
+/// The decision for `rs`, given every pod of its namespace.
+pub fn plan(rs: &ReplicaSet, pods: &[Pod], now: DateTime<Utc>) -> RsPlan {
+    let mut out = RsPlan::default();
+    let uid = rs.metadata.uid.as_deref().unwrap_or_default();
+    let selector = rs
+        .spec
+        .selector
+        .as_ref()
+        .and_then(|s| Selector::from_label_selector(s).ok())
+        .filter(|s| !s.is_empty());
+    let Some(selector) = selector else {
+        return out;
+    };
+    let deleting = rs.metadata.deletion_timestamp.is_some();
+    let mut mine: Vec<&Pod> = Vec::new();
+    for p in pods {
+        let matches = selector.matches(&p.metadata.labels);
+        if is_owned_by(&p.metadata, uid) {
+            if matches {
+                mine.push(p);
+            } else {
+                out.release.push(p.metadata.name.clone());
+            }
+        } else if matches
+            && !deleting
+            && p.metadata.controller().is_none()
+            && p.metadata.deletion_timestamp.is_none()
+        {
+            out.adopt.push(p.metadata.name.clone());
+            mine.push(p);
+        }
+    }
+    let active: Vec<&Pod> = mine.iter().copied().filter(|p| is_active(p)).collect();
+    let want = rs.spec.replicas.unwrap_or(1).max(0) as usize;
+    if !deleting {
+        if active.len() < want {
+            out.create = (want - active.len()).min(BURST);
+        } else if active.len() > want {
+            let n = (active.len() - want).min(BURST);
+            out.delete = deletion_order(&active, now)
+                .into_iter()
+                .take(n)
+                .map(|p| p.metadata.name.clone())
+                .collect();
+        }
+    }
+    // The status describes the set after this reconcile: the pods it deletes no longer count
+    // (a Deployment reading a stale, higher availability could scale down too far).
+    let active: Vec<&Pod> = active
+        .into_iter()
+        .filter(|p| !out.delete.contains(&p.metadata.name))
+        .collect();
+    let min_ready = rs.spec.min_ready_seconds.unwrap_or(0);
+    let template_labels = &rs.spec.template.metadata.labels;
+    let mut status = ReplicaSetStatus {
+        replicas: active.len() as i32,
+        observed_generation: rs.metadata.generation,
+        conditions: rs
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    let (mut labeled, mut ready, mut available) = (0, 0, 0);
+    for p in &active {
+        if template_labels
+            .iter()
+            .all(|(k, v)| p.metadata.labels.get(k) == Some(v))
+        {
+            labeled += 1;
+        }
+        if let Some(since) = ready_since(p) {
+            ready += 1;
+            if is_available(p, min_ready, now) {
+                available += 1;
+            } else {
+                let at = since + chrono::Duration::seconds(i64::from(min_ready));
+                let wait = (at - now).to_std().unwrap_or_default() + Duration::from_millis(10);
+                out.requeue_after = Some(out.requeue_after.map_or(wait, |w| w.min(wait)));
+            }
+        }
+    }
+    status.fully_labeled_replicas = Some(labeled);
+    status.ready_replicas = Some(ready);
+    status.available_replicas = Some(available);
+    out.status = status;
+    out
+}
+
+/// Active pods, most expendable first (Kubernetes' ActivePodsWithRanks): unscheduled, then
+/// pending, then not ready, then on the node with most of this set's pods, then ready for
+/// the shortest time, then most restarts, then newest.
+pub fn deletion_order<'a>(active: &[&'a Pod], now: DateTime<Utc>) -> Vec<&'a Pod> {
+    let mut per_node: HashMap<&str, usize> = HashMap::new();
+    for p in active {
+        if let Some(n) = p.spec.node_name.as_deref().filter(|n| !n.is_empty()) {
+            *per_node.entry(n).or_default() += 1;
+        }
+    }
+    let key = |p: &&'a Pod| {
+        let node = p.spec.node_name.as_deref().filter(|n| !n.is_empty());
+        let phase = match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            Some("Pending") | None => 0,
+            Some("Running") => 2,
+            _ => 1,
+        };
+        let ready = ready_since(p);
+        let restarts: i32 = p
+            .status
+            .as_ref()
+            .map(|s| s.container_statuses.iter().map(|c| c.restart_count).sum())
+            .unwrap_or(0);
+        (
+            node.is_some(),
+            phase,
+            ready.is_some(),
+            std::cmp::Reverse(node.map_or(0, |n| per_node[n])),
+            // Ready longer sorts later (harder to replace).
+            std::cmp::Reverse(ready.unwrap_or(now)),
+            std::cmp::Reverse(restarts),
+            std::cmp::Reverse(p.metadata.creation_timestamp),
+            p.metadata.name.clone(),
+        )
+    };
+    let mut v: Vec<&'a Pod> = active.to_vec();
+    v.sort_by_cached_key(key);
+    v
+}
+
+/// The pod a ReplicaSet creates from its template.
+pub fn new_pod(rs: &ReplicaSet) -> Value {
+    let t = &rs.spec.template;
+    let owner = OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "ReplicaSet".into(),
+        name: rs.metadata.name.clone(),
+        uid: rs.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": format!("{}-", rs.metadata.name),
+            "namespace": rs.metadata.namespace,
+            "labels": t.metadata.labels,
+            "annotations": t.metadata.annotations,
+            "ownerReferences": [owner],
+        },
+        "spec": t.spec,
+    })
+}
+
+/// Enqueues the ReplicaSets a change concerns: the changed ReplicaSet itself, a pod's owner,
+/// and for an orphan pod every ReplicaSet of its namespace (one of them may adopt it).
+pub fn watch(cache: &Cache, queue: &WorkQueue) {
+    let rs_prefix = replicasets().key_prefix(None);
+    let pod_prefix = pods().key_prefix(None);
+    let q = queue.clone();
+    cache.on_change(move |cache, ch| {
+        if ch.key.starts_with(&rs_prefix) {
+            q.add(ch.key);
+        } else if ch.key.starts_with(&pod_prefix) {
+            for obj in [ch.old, ch.new].into_iter().flatten() {
+                match controller_key(obj, replicasets()) {
+                    Some(k) => q.add(&k),
+                    None if obj["metadata"]["ownerReferences"].is_null() => {
+                        if let Some(ns) = obj["metadata"]["namespace"].as_str() {
+                            for k in cache.keys(&replicasets().key_prefix(Some(ns))) {
+                                q.add(&k);
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    });
+}
+
+pub struct ReplicaSetController {
+    ctx: Ctx,
+}
+
+impl ReplicaSetController {
+    pub fn new(ctx: Ctx) -> Self {
+        ReplicaSetController { ctx }
+    }
+}
+
+/// The pods of a namespace, decoded.
+pub fn namespace_pods(cache: &Cache, ns: &str) -> Vec<Pod> {
+    cache
+        .list(&pods().key_prefix(Some(ns)))
+        .iter()
+        .filter_map(|v| serde_json::from_value(Value::clone(v)).ok())
+        .collect()
+}
+
+impl Reconciler for ReplicaSetController {
+    const NAME: &'static str = "replicaset";
+
+    fn resync_prefix(&self) -> Option<String> {
+        Some(replicasets().key_prefix(None))
+    }
+
+    async fn reconcile(&self, key: &str) -> Result<Option<Duration>, ApiError> {
+        let Some((ns, _)) = split_key(key) else {
+            return Ok(None);
+        };
+        let Some(obj) = self.ctx.cache.get(key) else {
+            return Ok(None); // deleted: the garbage collector handles its pods
+        };
+        let rs: ReplicaSet = serde_json::from_value(Value::clone(&obj))
+            .map_err(|e| ApiError::Internal(format!("decoding {key}: {e}")))?;
+        let pods = namespace_pods(&self.ctx.cache, ns);
+        let p = plan(&rs, &pods, Utc::now());
+        self.apply(&rs, ns, &p).await?;
+        Ok(p.requeue_after)
+    }
+}
+
+impl ReplicaSetController {
+    async fn apply(&self, rs: &ReplicaSet, ns: &str, p: &RsPlan) -> Result<(), ApiError> {
+        let uid = rs.metadata.uid.clone().unwrap_or_default();
+        let ctx = &self.ctx;
+        for name in &p.adopt {
+            let owner = new_pod(rs)["metadata"]["ownerReferences"][0].clone();
+            let res = ctx
+                .update(pods(), Some(ns), name, |cur| {
+                    if !cur["metadata"]["ownerReferences"].is_null()
+                        || cur["metadata"]["deletionTimestamp"].is_string()
+                    {
+                        return Err(ApiError::BadRequest("no longer an orphan".into()));
+                    }
+                    let mut next = cur.clone();
+                    next["metadata"]["ownerReferences"] = json!([owner]);
+                    Ok(next)
+                })
+                .await;
+            ignore_gone(res)?;
+        }
+        for name in &p.release {
+            let res = ctx
+                .update(pods(), Some(ns), name, |cur| {
+                    let mut next = cur.clone();
+                    if let Some(refs) = next["metadata"]["ownerReferences"].as_array_mut() {
+                        refs.retain(|o| o["uid"] != uid.as_str());
+                    }
+                    Ok(next)
+                })
+                .await;
+            ignore_gone(res)?;
+        }
+        let mut failure: Option<ApiError> = None;
+        if p.create > 0 {
+            let body = new_pod(rs);
+            let results: Vec<_> = stream::iter(0..p.create)
+                .map(|_| ctx.create(pods(), ns, body.clone()))
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+            let failed: Vec<ApiError> = results.into_iter().filter_map(Result::err).collect();
+            if let Some(e) = failed.into_iter().next() {
+                failure = Some(e);
+            }
+        }
+        if !p.delete.is_empty() {
+            let opts = DeleteOptions::default();
+            let opts = &opts;
+            let results: Vec<_> = stream::iter(p.delete.clone())
+                .map(|name| async move { ctx.delete(pods(), Some(ns), &name, opts).await })
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+            if let Some(e) = results.into_iter().find_map(Result::err) {
+                failure.get_or_insert(e);
+            }
+        }
+        let mut status = p.status.clone();
+        set_failure_condition(&mut status, failure.as_ref());
+        let current = rs.status.clone().unwrap_or_default();
+        if status != current {
+            ignore_gone(
+                ctx.patch_status(
+                    replicasets(),
+                    Some(ns),
+                    &rs.metadata.name,
+                    serde_json::to_value(&status).expect("status serialises"),
+                )
+                .await,
+            )?;
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `ReplicaFailure=True` while pods cannot be created or deleted (quota, invalid template).
+fn set_failure_condition(status: &mut ReplicaSetStatus, failure: Option<&ApiError>) {
+    let existing = status
+        .conditions
+        .iter()
+        .position(|c| c.type_ == "ReplicaFailure");
+    match (failure, existing) {
+        (None, Some(i)) => {
+            status.conditions.remove(i);
+        }
+        (Some(e), _) => {
+            let message = e.to_string();
+            if existing.is_some_and(|i| status.conditions[i].message.as_deref() == Some(&message)) {
+                return;
+            }
+            if let Some(i) = existing {
+                status.conditions.remove(i);
+            }
+            status
+                .conditions
+                .push(wasmctl_api::apps::DeploymentCondition {
+                    type_: "ReplicaFailure".into(),
+                    status: "True".into(),
+                    last_transition_time: Some(wasmctl_api::Time::now()),
+                    last_update_time: None,
+                    reason: Some("FailedCreate".into()),
+                    message: Some(message),
+                });
+        }
+        (None, None) => {}
+    }
+}
+
+fn ignore_gone(r: Result<Value, ApiError>) -> Result<(), ApiError> {
+    match r {
+        Ok(_) | Err(ApiError::NotFound { .. }) | Err(ApiError::BadRequest(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use wasmctl_api::core::{PodCondition, PodStatus};
+    use wasmctl_api::meta::{LabelSelector, Time};
+
+    pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    fn rs(replicas: i32) -> ReplicaSet {
+        let mut rs = ReplicaSet::default();
+        rs.metadata.name = "web-abc".into();
+        rs.metadata.namespace = Some("default".into());
+        rs.metadata.uid = Some("rs-uid".into());
+        rs.metadata.generation = Some(3);
+        rs.spec.replicas = Some(replicas);
+        rs.spec.selector = Some(LabelSelector {
+            match_labels: labels(&[("app", "web")]),
+            ..Default::default()
+        });
+        rs.spec.template.metadata.labels = labels(&[("app", "web")]);
+        rs
+    }
+
+    fn pod(name: &str, owner: Option<&str>, node: Option<&str>, ready_at: Option<i64>) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = name.into();
+        p.metadata.namespace = Some("default".into());
+        p.metadata.labels = labels(&[("app", "web")]);
+        p.metadata.creation_timestamp = Some(Time(t(0)));
+        if let Some(uid) = owner {
+            p.metadata.owner_references.push(OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "ReplicaSet".into(),
+                name: "web-abc".into(),
+                uid: uid.into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            });
+        }
+        p.spec.node_name = node.map(str::to_string);
+        let mut st = PodStatus {
+            phase: Some(if node.is_some() { "Running" } else { "Pending" }.into()),
+            ..Default::default()
+        };
+        if let Some(at) = ready_at {
+            st.conditions.push(PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                last_transition_time: Some(Time(t(at))),
+                ..Default::default()
+            });
+        }
+        p.status = Some(st);
+        p
+    }
+
+    #[test]
+    fn creates_the_missing_pods() {
+        let pods = vec![pod("a", Some("rs-uid"), Some("n1"), Some(0))];
+        let p = plan(&rs(3), &pods, t(100));
+        assert_eq!(p.create, 2);
+        assert!(p.delete.is_empty());
+        assert_eq!(p.status.replicas, 1);
+        assert_eq!(p.status.ready_replicas, Some(1));
+        assert_eq!(p.status.available_replicas, Some(1));
+        assert_eq!(p.status.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn replaces_failed_and_deleting_pods() {
+        let mut failed = pod("a", Some("rs-uid"), Some("n1"), None);
+        failed.status.as_mut().unwrap().phase = Some("Failed".into());
+        let mut going = pod("b", Some("rs-uid"), Some("n1"), Some(0));
+        going.metadata.deletion_timestamp = Some(Time(t(50)));
+        let p = plan(&rs(2), &[failed, going], t(100));
+        assert_eq!(p.create, 2);
+        assert_eq!(p.status.replicas, 0);
+    }
+
+    #[test]
+    fn scale_down_deletes_unscheduled_then_not_ready_then_newest() {
+        let mut newer = pod("ready-new", Some("rs-uid"), Some("n1"), Some(90));
+        newer.metadata.creation_timestamp = Some(Time(t(80)));
+        let pods = vec![
+            pod("ready-old", Some("rs-uid"), Some("n1"), Some(10)),
+            newer,
+            pod("not-ready", Some("rs-uid"), Some("n2"), None),
+            pod("unscheduled", Some("rs-uid"), None, None),
+        ];
+        let p = plan(&rs(1), &pods, t(100));
+        assert_eq!(p.delete, vec!["unscheduled", "not-ready", "ready-new"]);
+        assert_eq!(p.create, 0);
+        // The status already leaves out what this reconcile deletes.
+        assert_eq!(p.status.replicas, 1);
+        assert_eq!(p.status.available_replicas, Some(1));
+    }
+
+    #[test]
+    fn scale_down_prefers_the_crowded_node() {
+        let pods = vec![
+            pod("alone", Some("rs-uid"), Some("n1"), Some(10)),
+            pod("crowd-1", Some("rs-uid"), Some("n2"), Some(10)),
+            pod("crowd-2", Some("rs-uid"), Some("n2"), Some(10)),
+        ];
+        let p = plan(&rs(2), &pods, t(100));
+        assert_eq!(p.delete.len(), 1);
+        assert!(p.delete[0].starts_with("crowd"));
+    }
+
+    #[test]
+    fn adopts_matching_orphans_and_releases_non_matching() {
+        let orphan = pod("orphan", None, Some("n1"), Some(0));
+        let mut other = pod("other", None, Some("n1"), Some(0));
+        other.metadata.labels = labels(&[("app", "db")]);
+        let mut relabeled = pod("relabeled", Some("rs-uid"), Some("n1"), Some(0));
+        relabeled.metadata.labels = labels(&[("app", "debug")]);
+        let foreign = pod("foreign", Some("other-uid"), Some("n1"), Some(0));
+        let p = plan(&rs(1), &[orphan, other, relabeled, foreign], t(100));
+        assert_eq!(p.adopt, vec!["orphan"]);
+        assert_eq!(p.release, vec!["relabeled"]);
+        assert_eq!(p.create, 0);
+        assert_eq!(p.status.replicas, 1);
+    }
+
+    #[test]
+    fn min_ready_seconds_delays_availability() {
+        let mut r = rs(2);
+        r.spec.min_ready_seconds = Some(30);
+        let pods = vec![
+            pod("a", Some("rs-uid"), Some("n1"), Some(0)),
+            pod("b", Some("rs-uid"), Some("n1"), Some(90)),
+        ];
+        let p = plan(&r, &pods, t(100));
+        assert_eq!(p.status.ready_replicas, Some(2));
+        assert_eq!(p.status.available_replicas, Some(1));
+        let wait = p.requeue_after.unwrap();
+        assert!(wait >= Duration::from_secs(20) && wait <= Duration::from_secs(21));
+    }
+
+    #[test]
+    fn a_deleting_set_neither_creates_nor_adopts() {
+        let mut r = rs(3);
+        r.metadata.deletion_timestamp = Some(Time(t(1)));
+        let p = plan(&r, &[pod("orphan", None, Some("n1"), Some(0))], t(100));
+        assert_eq!(p.create, 0);
+        assert!(p.adopt.is_empty());
+    }
+
+    #[test]
+    fn new_pods_carry_template_and_controller_reference() {
+        let v = new_pod(&rs(1));
+        assert_eq!(v["metadata"]["generateName"], "web-abc-");
+        assert_eq!(v["metadata"]["labels"]["app"], "web");
+        assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "rs-uid");
+        assert_eq!(v["metadata"]["ownerReferences"][0]["controller"], true);
+    }
+}
