@@ -451,3 +451,129 @@ async fn a_rollout_interrupted_by_a_server_crash_completes_after_restart() {
         .collect();
     assert_eq!(replicas, BTreeSet::from([0, 10]));
 }
+
+/// The revision of each DELETED event of the watched collections, by `kind/name`.
+async fn deletions(c: &Cluster, paths: &[&str], from: &str, until: usize) -> BTreeMap<String, u64> {
+    let client = c.server.client();
+    let mut out = BTreeMap::new();
+    let mut streams = Vec::new();
+    for p in paths {
+        let path = format!("{p}?watch=1&resourceVersion={from}");
+        streams.push(client.watch(&path, None).await.expect("watch opens"));
+    }
+    let mut merged = futures_util::stream::select_all(streams);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while out.len() < until {
+        let ev = tokio::time::timeout_at(deadline, merged.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} deletions seen: {out:?}", out.len()))
+            .expect("watch open")
+            .expect("watch event");
+        if ev["type"] == "DELETED" {
+            let o = &ev["object"];
+            let key = format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            );
+            let rv = o["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            out.insert(key, rv);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_propagation_orphan_foreground_and_background() {
+    let c = Cluster::start(&["node-a"], &[], &[]).await;
+    let t = Duration::from_secs(90);
+    const DEPLOY: &str = "/apis/apps/v1/namespaces/default/deployments";
+    c.apply(&deployment("web", "hello:v1", 2, ""));
+    c.rollout_status("web");
+    let pods = c.wait_ready("web", "hello:v1", 2, t).await;
+    let names: BTreeSet<String> = pods
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+
+    // Orphan: the Deployment goes, its ReplicaSet and pods stay, without the reference.
+    c.ok(&["delete", "deployment", "web", "--cascade=orphan"]);
+    wait_for(t, "the orphaning to finish", || async {
+        let gone = c
+            .server
+            .call(Method::GET, &format!("{DEPLOY}/web"), None)
+            .await
+            .0
+            == 404;
+        let rss = c.list(RSS).await;
+        let orphaned = rss.len() == 1 && rss[0]["metadata"]["ownerReferences"].is_null();
+        (gone && orphaned).then_some(())
+    })
+    .await;
+    let still: BTreeSet<String> = c
+        .wait_ready("web", "hello:v1", 2, t)
+        .await
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(still, names, "orphaned pods keep running");
+
+    // The same Deployment again adopts the ReplicaSet: no new pods.
+    c.apply(&deployment("web", "hello:v1", 2, ""));
+    c.rollout_status("web");
+    wait_for(t, "the ReplicaSet to be adopted", || async {
+        let rss = c.list(RSS).await;
+        (rss.len() == 1 && rss[0]["metadata"]["ownerReferences"][0]["kind"] == "Deployment")
+            .then_some(())
+    })
+    .await;
+    let again: BTreeSet<String> = c
+        .list(PODS)
+        .await
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(again, names);
+
+    // Foreground: the pods go first, then the ReplicaSet, then the Deployment (the order of
+    // the DELETED events' revisions).
+    let rv = c.get(PODS).await["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.ok(&["delete", "deployment", "web", "--cascade=foreground"]);
+    let d = deletions(&c, &[DEPLOY, RSS, PODS], &rv, 4).await;
+    let deploy_rv = d["Deployment/web"];
+    let rs_rv = d
+        .iter()
+        .find(|(k, _)| k.starts_with("ReplicaSet/"))
+        .unwrap()
+        .1;
+    let pod_rvs: Vec<u64> = d
+        .iter()
+        .filter(|(k, _)| k.starts_with("Pod/"))
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(pod_rvs.len(), 2, "{d:?}");
+    assert!(
+        pod_rvs.iter().all(|p| p < rs_rv) && *rs_rv < deploy_rv,
+        "{d:?}"
+    );
+
+    // Background: the Deployment goes at once, its dependents after it.
+    c.apply(&deployment("web", "hello:v1", 2, ""));
+    c.rollout_status("web");
+    c.wait_ready("web", "hello:v1", 2, t).await;
+    let rv = c.get(PODS).await["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.ok(&["delete", "deployment", "web"]);
+    let d = deletions(&c, &[DEPLOY, RSS, PODS], &rv, 4).await;
+    let deploy_rv = d["Deployment/web"];
+    assert!(d.values().all(|rv| *rv >= deploy_rv), "{d:?}");
+}
