@@ -19,7 +19,7 @@ use wasmctl_api::meta::DeleteOptions;
 use wasmctl_api::registry::{self, ResourceInfo, RESOURCES};
 
 use super::cache::Cache;
-use super::{Ctx, Reconciler, WorkQueue};
+use super::{ignore_gone, Ctx, Reconciler, WorkQueue};
 use crate::error::ApiError;
 
 pub const FOREGROUND: &str = "foregroundDeletion";
@@ -302,13 +302,6 @@ impl GarbageCollector {
             })
             .await;
         ignore_gone(res)
-    }
-}
-
-fn ignore_gone(r: Result<Value, ApiError>) -> Result<(), ApiError> {
-    match r {
-        Ok(_) | Err(ApiError::NotFound { .. }) | Err(ApiError::BadRequest(_)) => Ok(()),
-        Err(e) => Err(e),
     }
 }
 

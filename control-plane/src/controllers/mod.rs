@@ -160,6 +160,16 @@ impl Ctx {
     }
 }
 
+/// The outcome of a conditional write that may be moot: the object is gone (`NotFound`), or
+/// the mutation declined because the object changed meanwhile (the closures return
+/// `BadRequest` for that, e.g. "no longer an orphan"); either way there is nothing to do.
+pub(crate) fn ignore_gone(r: Result<Value, ApiError>) -> Result<(), ApiError> {
+    match r {
+        Ok(_) | Err(ApiError::NotFound { .. }) | Err(ApiError::BadRequest(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// One controller: reconciles one object key (a store key of its primary kind).
 pub trait Reconciler: Send + Sync + 'static {
     const NAME: &'static str;

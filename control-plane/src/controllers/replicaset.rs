@@ -16,7 +16,7 @@ use wasmctl_api::meta::{DeleteOptions, ObjectMeta, OwnerReference};
 use wasmctl_api::selector::Selector;
 
 use super::cache::{split_key, Cache};
-use super::{controller_key, pods, replicasets, Ctx, Reconciler, WorkQueue};
+use super::{controller_key, ignore_gone, pods, replicasets, Ctx, Reconciler, WorkQueue};
 use crate::error::ApiError;
 
 /// At most this many pods are created or deleted per reconcile (Kubernetes' burstReplicas).
@@ -407,13 +407,6 @@ fn set_failure_condition(status: &mut ReplicaSetStatus, failure: Option<&ApiErro
                 });
         }
         (None, None) => {}
-    }
-}
-
-fn ignore_gone(r: Result<Value, ApiError>) -> Result<(), ApiError> {
-    match r {
-        Ok(_) | Err(ApiError::NotFound { .. }) | Err(ApiError::BadRequest(_)) => Ok(()),
-        Err(e) => Err(e),
     }
 }
 
