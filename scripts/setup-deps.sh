@@ -6,8 +6,9 @@ need_apt=()
 # RocksDB's bindgen needs libclang; its C++ build needs a compiler.
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
-# Tests drive the stock kubectl; `dig` arrives with the DNS issue.
+# Tests drive the stock kubectl, and `dig` against the agents' cluster DNS.
 command -v kubectl >/dev/null 2>&1 || need_apt+=(kubectl)
+command -v dig >/dev/null 2>&1 || need_apt+=(bind9-dnsutils)
 # The OCI pull test runs Debian's distribution registry on loopback.
 command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
 

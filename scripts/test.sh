@@ -8,3 +8,5 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast
+# The guests' host-testable logic (wasi-apps is its own workspace).
+(cd wasi-apps && CARGO_TARGET_DIR=target cargo test --locked -p shop-core)

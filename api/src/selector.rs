@@ -66,6 +66,18 @@ impl Selector {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 
+    /// Equality on every pair of a map (a Service's `spec.selector`; Kubernetes'
+    /// `SelectorFromSet`). The empty map gives the empty selector, which matches everything:
+    /// callers that mean "no selector" check for that first.
+    pub fn from_set(set: &BTreeMap<String, String>) -> Self {
+        Selector {
+            requirements: set
+                .iter()
+                .map(|(k, v)| Requirement::Equals(k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
     /// From a structured `LabelSelector` (Deployment, ReplicaSet).
     pub fn from_label_selector(ls: &LabelSelector) -> Result<Self, String> {
         let mut requirements: Vec<Requirement> = ls

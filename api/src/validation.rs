@@ -85,6 +85,13 @@ impl Errors {
             ),
         );
     }
+    pub fn forbidden(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.push(
+            field,
+            "FieldValueForbidden",
+            format!("Forbidden: {}", message.into()),
+        );
+    }
     pub fn duplicate(&mut self, field: impl Into<String>, value: &str) {
         self.push(
             field,
@@ -944,7 +951,13 @@ impl Kind for ReplicaSet {
 
 // ---------------------------------------------------------------- Service
 
-pub const DEFAULT_NODE_PORT_RANGE: (i32, i32) = (30000, 32767);
+/// The Service types this cluster implements (no cloud load balancers, no DNS aliases).
+pub const SERVICE_TYPES: &[&str] = &["ClusterIP", "NodePort"];
+/// `spec.clusterIP` of a headless Service.
+pub const CLUSTER_IP_NONE: &str = "None";
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours) and maximum.
+pub const DEFAULT_CLIENT_IP_TIMEOUT_SECONDS: i32 = 10800;
+pub const MAX_CLIENT_IP_TIMEOUT_SECONDS: i32 = 86400;
 
 impl Kind for Service {
     fn metadata(&self) -> &ObjectMeta {
@@ -954,11 +967,33 @@ impl Kind for Service {
         let s = &mut self.spec;
         s.type_.get_or_insert_with(|| "ClusterIP".into());
         s.session_affinity.get_or_insert_with(|| "None".into());
+        if s.session_affinity.as_deref() == Some("ClientIP") {
+            let cfg = s
+                .session_affinity_config
+                .get_or_insert_with(Default::default);
+            cfg.client_ip
+                .get_or_insert_with(Default::default)
+                .timeout_seconds
+                .get_or_insert(DEFAULT_CLIENT_IP_TIMEOUT_SECONDS);
+        }
         for p in &mut s.ports {
             p.protocol.get_or_insert_with(|| "TCP".into());
             if p.target_port.is_none() {
                 p.target_port = Some(IntOrString::Int(p.port));
             }
+            // 0 means "not set" (allocate one) as in Kubernetes.
+            if p.node_port == Some(0) {
+                p.node_port = None;
+            }
+        }
+        // `clusterIP` and `clusterIPs[0]` are one value; either may be given.
+        if s.cluster_ip.as_deref() == Some("") {
+            s.cluster_ip = None;
+        }
+        match (&s.cluster_ip, s.cluster_ips.first()) {
+            (Some(ip), None) => s.cluster_ips = vec![ip.clone()],
+            (None, Some(ip)) => s.cluster_ip = Some(ip.clone()),
+            _ => {}
         }
     }
     fn validate(&self, errs: &mut Errors) {
@@ -969,18 +1004,39 @@ impl Kind for Service {
         }
         let s = &self.spec;
         let t = s.type_.as_deref().unwrap_or("ClusterIP");
-        one_of(Some(t), "spec.type", &["ClusterIP", "NodePort"], errs);
+        one_of(Some(t), "spec.type", SERVICE_TYPES, errs);
+        validate_labels(&s.selector, "spec.selector", errs);
         one_of(
             s.session_affinity.as_deref(),
             "spec.sessionAffinity",
             &["None", "ClientIP"],
             errs,
         );
-        if s.ports.is_empty() && s.cluster_ip.as_deref() != Some("None") {
+        if let Some(cfg) = &s.session_affinity_config {
+            if s.session_affinity.as_deref() != Some("ClientIP") {
+                errs.invalid(
+                    "spec.sessionAffinityConfig",
+                    "must not be set when session affinity is None",
+                );
+            }
+            if let Some(t) = cfg.client_ip.as_ref().and_then(|c| c.timeout_seconds) {
+                if !(1..=MAX_CLIENT_IP_TIMEOUT_SECONDS).contains(&t) {
+                    errs.invalid(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!(
+                            "Invalid value: {t}: must be greater than 0 and less than {MAX_CLIENT_IP_TIMEOUT_SECONDS}"
+                        ),
+                    );
+                }
+            }
+        }
+        let headless = s.cluster_ip.as_deref() == Some(CLUSTER_IP_NONE);
+        if s.ports.is_empty() && !headless {
             errs.required("spec.ports", "at least one port");
         }
         let mut names = BTreeSet::new();
         let mut ports = BTreeSet::new();
+        let mut node_ports = BTreeSet::new();
         for (i, p) in s.ports.iter().enumerate() {
             let pp = format!("spec.ports[{i}]");
             port_number(p.port, &format!("{pp}.port"), errs);
@@ -1011,30 +1067,55 @@ impl Kind for Service {
             if let Some(tp) = &p.target_port {
                 validate_port_ref(tp, &format!("{pp}.targetPort"), errs);
             }
-            if let Some(np) = p.node_port {
+            // The range is the server's (`--service-node-port-range`): it checks it when it
+            // allocates.
+            if let Some(np) = p.node_port.filter(|n| *n != 0) {
                 if t != "NodePort" {
-                    errs.invalid(
+                    errs.forbidden(
                         format!("{pp}.nodePort"),
                         format!("may not be used when `type` is '{t}'"),
                     );
-                } else if np != 0
-                    && !(DEFAULT_NODE_PORT_RANGE.0..=DEFAULT_NODE_PORT_RANGE.1).contains(&np)
-                {
+                } else if !(1..=65535).contains(&np) {
                     errs.invalid(
                         format!("{pp}.nodePort"),
-                        format!(
-                            "provided port is not in the valid range. The range of valid ports is {}-{}, got {np}",
-                            DEFAULT_NODE_PORT_RANGE.0, DEFAULT_NODE_PORT_RANGE.1
-                        ),
+                        format!("Invalid value: {np}: must be between 1 and 65535, inclusive"),
                     );
+                } else if !node_ports.insert(np) {
+                    errs.duplicate(format!("{pp}.nodePort"), &np.to_string());
                 }
             }
         }
-        if let Some(ip) = &s.cluster_ip {
-            if !ip.is_empty() && ip != "None" && ip.parse::<std::net::Ipv4Addr>().is_err() {
+        if s.cluster_ips.len() > 1 {
+            errs.invalid(
+                "spec.clusterIPs",
+                format!(
+                    "Invalid value: {:?}: this cluster is single-stack IPv4: at most one cluster IP",
+                    s.cluster_ips
+                ),
+            );
+        }
+        if let Some(first) = s.cluster_ips.first() {
+            if s.cluster_ip.as_ref() != Some(first) {
                 errs.invalid(
-                    "spec.clusterIP",
-                    format!("must be a valid IPv4 address, got {ip:?}"),
+                    "spec.clusterIPs",
+                    format!(
+                        "Invalid value: {:?}: first value must match `clusterIP`",
+                        s.cluster_ips
+                    ),
+                );
+            } else if first == CLUSTER_IP_NONE {
+                if t == "NodePort" {
+                    errs.invalid(
+                        "spec.clusterIPs[0]",
+                        "Invalid value: \"None\": may not be set to 'None' for NodePort services",
+                    );
+                }
+            } else if first.parse::<std::net::Ipv4Addr>().is_err() {
+                errs.invalid(
+                    "spec.clusterIPs[0]",
+                    format!(
+                        "Invalid value: {first:?}: must be a valid IPv4 address, (e.g. 10.9.8.7)"
+                    ),
                 );
             }
         }
@@ -1203,11 +1284,92 @@ mod tests {
         assert_eq!(err.errors[0].field, "metadata.name");
     }
 
-    #[test]
-    fn service_node_port_range() {
+    fn svc(spec: Value) -> Result<Value, Invalid> {
         let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
-                         "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}});
-        let err = normalize(resolve("svc").unwrap(), svc).unwrap_err();
-        assert_eq!(err.errors[0].field, "spec.ports[0].nodePort");
+                         "spec": spec});
+        normalize(resolve("svc").unwrap(), svc)
+    }
+
+    fn fields(err: &Invalid) -> Vec<String> {
+        err.errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn service_defaults() {
+        let v = svc(
+            json!({"selector": {"app": "web"}, "ports": [{"port": 80, "nodePort": 0}],
+                           "clusterIP": "127.96.0.9", "sessionAffinity": "ClientIP"}),
+        )
+        .unwrap();
+        assert_eq!(v["spec"]["type"], "ClusterIP");
+        assert_eq!(v["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(v["spec"]["ports"][0]["targetPort"], 80);
+        assert!(v["spec"]["ports"][0].get("nodePort").is_none());
+        assert_eq!(v["spec"]["clusterIPs"], json!(["127.96.0.9"]));
+        assert_eq!(
+            v["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
+            10800
+        );
+        assert_eq!(svc(v["spec"].clone()).unwrap(), v, "normalises to itself");
+        // clusterIPs alone fills clusterIP.
+        let v = svc(json!({"ports": [{"port": 80}], "clusterIPs": ["127.96.0.9"]})).unwrap();
+        assert_eq!(v["spec"]["clusterIP"], "127.96.0.9");
+    }
+
+    #[test]
+    fn service_rejections_name_the_field() {
+        let err = svc(json!({"type": "LoadBalancer", "ports": [{"port": 80}]})).unwrap_err();
+        assert_eq!(
+            fields(&err),
+            [
+                r#"spec.type: Unsupported value: "LoadBalancer": supported values: "ClusterIP", "NodePort""#
+            ]
+        );
+        let err = svc(json!({"ports": [{"port": 53, "protocol": "UDP"}]})).unwrap_err();
+        assert_eq!(
+            fields(&err),
+            [r#"spec.ports[0].protocol: Unsupported value: "UDP": supported values: "TCP""#]
+        );
+        let err = svc(json!({"ports": [{"port": 0}]})).unwrap_err();
+        assert_eq!(err.errors[0].field, "spec.ports[0].port");
+        let err = svc(json!({"ports": [{"port": 80, "nodePort": 30080}]})).unwrap_err();
+        assert_eq!(
+            fields(&err),
+            ["spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ClusterIP'"]
+        );
+        let err = svc(json!({"type": "NodePort", "ports": [
+            {"name": "a", "port": 80, "nodePort": 30080},
+            {"name": "b", "port": 81, "nodePort": 30080}]}))
+        .unwrap_err();
+        assert_eq!(
+            fields(&err),
+            [r#"spec.ports[1].nodePort: Duplicate value: "30080""#]
+        );
+        let err = svc(json!({"type": "NodePort", "clusterIP": "None", "ports": [{"port": 80}]}))
+            .unwrap_err();
+        assert_eq!(
+            fields(&err),
+            [
+                r#"spec.clusterIPs[0]: Invalid value: "None": may not be set to 'None' for NodePort services"#
+            ]
+        );
+        let err = svc(json!({"clusterIP": "10.0.0.300", "ports": [{"port": 80}]})).unwrap_err();
+        assert_eq!(err.errors[0].field, "spec.clusterIPs[0]");
+        let err = svc(json!({"ports": [{"port": 80, "targetPort": "no_such_NAME"}]})).unwrap_err();
+        assert_eq!(err.errors[0].field, "spec.ports[0].targetPort");
+        let err = svc(json!({"sessionAffinity": "ClientIP",
+                             "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}},
+                             "ports": [{"port": 80}]}))
+        .unwrap_err();
+        assert_eq!(
+            err.errors[0].field,
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+        );
+        // Headless Services need no ports; the node port range is the server's to check.
+        svc(json!({"clusterIP": "None", "selector": {"app": "db"}})).unwrap();
+        svc(json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]})).unwrap();
     }
 }

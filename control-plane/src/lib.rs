@@ -1,6 +1,7 @@
 //! The wasmctl control plane: the generic object registry on top of the Raft-replicated
 //! store, and the Kubernetes-shaped HTTPS API server in front of it.
 
+pub mod allocator;
 pub mod apiserver;
 pub mod controllers;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod scheduler;
 pub mod scheduling;
 pub mod server;
 
+pub use allocator::{Ipv4Cidr, PortRange, ServiceRanges};
 pub use error::ApiError;
 pub use objects::Objects;
 pub use server::{Server, ServerConfig};

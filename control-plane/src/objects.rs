@@ -7,6 +7,7 @@
 //! controllers both call it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,11 +16,13 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use wasmctl_api::core::Service;
 use wasmctl_api::meta::{DeleteOptions, ObjectMeta, Time};
 use wasmctl_api::registry::{self, ResourceInfo, RESOURCES};
 use wasmctl_api::{normalize, FieldSelector, Selector};
 use wasmctl_store::{KeyValue, Op, OpResult, Precondition, Store};
 
+use crate::allocator::{self, AllocError, Allocated, ServiceAllocator, ServiceRanges};
 use crate::error::ApiError;
 
 /// Objects larger than this are rejected, like etcd's default request limit.
@@ -60,6 +63,8 @@ pub struct Objects {
     store: Store,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Cluster IPs and node ports of Services (see [`allocator`]).
+    services: Arc<ServiceAllocator>,
 }
 
 /// One write of [`Objects::write_batch`].
@@ -174,7 +179,19 @@ impl Objects {
             store,
             tasks: TaskTracker::new(),
             shutdown,
+            services: Arc::new(ServiceAllocator::default()),
         }
+    }
+
+    /// The ranges Services get their cluster IPs and node ports from (default:
+    /// [`ServiceRanges::default`]).
+    pub fn with_service_ranges(mut self, ranges: ServiceRanges) -> Self {
+        self.services = Arc::new(ServiceAllocator::new(ranges));
+        self
+    }
+
+    pub fn service_ranges(&self) -> &ServiceRanges {
+        &self.services.ranges
     }
 
     pub fn store(&self) -> &Store {
@@ -468,9 +485,19 @@ impl Objects {
                 o.remove("status");
             }
         }
-        let obj = Self::normalize(info, &meta.name, body)?;
+        let mut obj = Self::normalize(info, &meta.name, body)?;
         if let Some(ns) = &ns {
             self.ensure_namespace_usable(ns).await?;
+        }
+        // Held until the write is committed, so no other Service takes the same addresses.
+        let _allocating = match info.kind {
+            "Service" => Some(self.services.lock.lock().await),
+            _ => None,
+        };
+        if info.kind == "Service" {
+            obj = self
+                .allocate_service(info, ns.as_deref(), &meta.name, None, obj)
+                .await?;
         }
         let key = Self::key(info, ns.as_deref(), &meta.name);
         let bytes = encode_for_store(&obj)?;
@@ -591,6 +618,10 @@ impl Objects {
         F: FnMut(&Value) -> Result<Value, ApiError>,
     {
         let key = Self::key(info, ns, name);
+        let _allocating = match info.kind {
+            "Service" => Some(self.services.lock.lock().await),
+            _ => None,
+        };
         for _ in 0..MAX_RETRIES {
             let kv = self
                 .store
@@ -621,7 +652,15 @@ impl Objects {
                 meta.finalizers.retain(|f| cur_meta.finalizers.contains(f));
             }
             set_meta(&mut next, &meta);
+            if info.kind == "Service" {
+                next = carry_over_service(&current, next);
+            }
             let mut next = Self::normalize(info, name, next)?;
+            if info.kind == "Service" {
+                next = self
+                    .allocate_service(info, ns, name, Some(&current), next)
+                    .await?;
+            }
             if info.generation && next.get("spec") != current.get("spec") {
                 let g = cur_meta.generation.unwrap_or(0) + 1;
                 next["metadata"]["generation"] = json!(g);
@@ -725,6 +764,11 @@ impl Objects {
     }
 
     fn batch_create(&self, info: &ResourceInfo, name: &str, object: Value) -> Result<Op, ApiError> {
+        if info.kind == "Service" {
+            return Err(ApiError::Internal(
+                "Services allocate addresses: create them with Objects::create".into(),
+            ));
+        }
         let ns = self.check_namespace_param(info, object["metadata"]["namespace"].as_str())?;
         let mut body = Self::prepare_body(info, ns.as_deref(), object)?;
         let mut meta = meta_of(&body)?;
@@ -736,6 +780,45 @@ impl Objects {
             value: encode_for_store(&obj)?,
             precondition: Precondition::MustNotExist,
         })
+    }
+
+    /// Gives the Service `obj` (defaulted and validated; `old` is the stored version for an
+    /// update) its cluster IP and node ports, checked against every other stored Service.
+    /// The caller holds `self.services.lock` until its write is committed.
+    async fn allocate_service(
+        &self,
+        info: &ResourceInfo,
+        ns: Option<&str>,
+        name: &str,
+        old: Option<&Value>,
+        obj: Value,
+    ) -> Result<Value, ApiError> {
+        let corrupt = |e: serde_json::Error| ApiError::Internal(format!("decoding a Service: {e}"));
+        let all = self.list(info, None, &ListOptions::default()).await?;
+        let others: Vec<Service> = all
+            .items
+            .into_iter()
+            .filter(|v| v["metadata"]["namespace"].as_str() != ns || v["metadata"]["name"] != name)
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect();
+        let taken = Allocated::from_services(&others);
+        let mut svc: Service = serde_json::from_value(obj).map_err(corrupt)?;
+        let old: Option<Service> = old
+            .map(|v| serde_json::from_value(v.clone()))
+            .transpose()
+            .map_err(corrupt)?;
+        allocator::allocate(
+            &mut svc,
+            old.as_ref(),
+            &taken,
+            &self.services.ranges,
+            &mut rand::thread_rng(),
+        )
+        .map_err(|e| match e {
+            AllocError::Invalid(inv) => ApiError::invalid(info, name, inv),
+            AllocError::Full(m) => ApiError::Internal(m),
+        })?;
+        serde_json::to_value(&svc).map_err(corrupt)
     }
 
     /// Delete an object: graceful (deletionTimestamp) when finalizers or a running pod need
@@ -1041,6 +1124,20 @@ fn propagation_finalizer(opts: &DeleteOptions) -> Option<&'static str> {
         Some("Foreground") => Some("foregroundDeletion"),
         Some("Orphan") => Some("orphan"),
         _ => None,
+    }
+}
+
+/// An update of a Service keeps the allocated values it omits ([`allocator::carry_over`]);
+/// one that does not decode is left for validation to report.
+fn carry_over_service(current: &Value, next: Value) -> Value {
+    let old = serde_json::from_value::<Service>(current.clone());
+    let new = serde_json::from_value::<Service>(next.clone());
+    match (old, new) {
+        (Ok(old), Ok(mut new)) => {
+            allocator::carry_over(&old, &mut new);
+            serde_json::to_value(&new).unwrap_or(next)
+        }
+        _ => next,
     }
 }
 

@@ -33,6 +33,9 @@ pub struct ServerConfig {
     /// Raft log entries between snapshots.
     pub snapshot_logs: u64,
     pub controllers: crate::controllers::ControllerConfig,
+    /// Where Services get their cluster IPs and node ports (`--service-cluster-ip-range`,
+    /// `--service-node-port-range`).
+    pub service_ranges: crate::allocator::ServiceRanges,
 }
 
 impl ServerConfig {
@@ -48,6 +51,7 @@ impl ServerConfig {
             fsync: true,
             snapshot_logs: 10_000,
             controllers: Default::default(),
+            service_ranges: Default::default(),
         }
     }
 }
@@ -83,7 +87,8 @@ impl Server {
             .await
             .context("opening the cluster store")?;
 
-        let objects = Objects::new(store.clone(), shutdown.clone());
+        let objects = Objects::new(store.clone(), shutdown.clone())
+            .with_service_ranges(cfg.service_ranges.clone());
         objects
             .bootstrap()
             .await

@@ -5,12 +5,15 @@
 //! **Architecture Invariant:** only this crate links wasmtime; it talks to the control plane
 //! through the API only (`wasmctl-client`), never through the store.
 
+pub mod dns;
 pub mod images;
 pub mod node;
 pub mod oci;
 pub mod pods;
+pub mod proxy;
 pub mod runtime;
 pub mod server;
+pub mod services;
 pub mod status;
 
 use std::collections::HashMap;
@@ -54,6 +57,10 @@ pub struct AgentConfig {
     pub insecure_registries: Vec<String>,
     pub log_limits: LogLimits,
     pub sandbox: SandboxLimits,
+    /// Concurrent client connections per Service proxy listener (`--proxy-max-connections`).
+    pub proxy_max_connections: usize,
+    /// The cluster DNS server (`--dns-listen`, `--cluster-domain`).
+    pub dns: dns::DnsConfig,
 }
 
 impl AgentConfig {
@@ -84,6 +91,8 @@ impl AgentConfig {
                 request_timeout: Duration::from_secs(60),
                 max_instance_memory: 1 << 30,
             },
+            proxy_max_connections: 4096,
+            dns: dns::DnsConfig::default(),
         }
     }
 }
@@ -152,6 +161,11 @@ pub struct AgentCtx {
     pub started: wasmctl_api::Time,
     /// HTTP client of the probes.
     pub probes: reqwest::Client,
+    /// Every Service and its ready endpoints (list+watch), read by the proxy, in-pod
+    /// service routing and DNS.
+    pub services: Arc<services::ServiceTable>,
+    /// Forwards to Services' endpoints: the proxy's listeners and pods' outgoing traffic.
+    pub router: Arc<proxy::Router>,
 }
 
 /// A started agent.
@@ -160,6 +174,9 @@ pub struct Agent {
     /// Where the agent's endpoint (logs) listens.
     pub kubelet_addr: std::net::SocketAddr,
     listener: tokio::net::TcpListener,
+    /// Where the cluster DNS listens (UDP and TCP).
+    pub dns_addr: std::net::SocketAddr,
+    dns: dns::DnsServer,
 }
 
 impl Agent {
@@ -197,8 +214,12 @@ impl Agent {
                 )
             })?;
         let kubelet_addr = listener.local_addr()?;
+        let dns = dns::DnsServer::bind(&cfg.dns, cfg.node_ip).await?;
         let logs = LogRegistry::default();
         *logs.limits.lock().expect("limits lock") = cfg.log_limits;
+        let services = services::ServiceTable::new();
+        let router = proxy::Router::new(services.clone(), runtime.pods.clone());
+        runtime.set_router(router.clone());
         let ctx = Arc::new(AgentCtx {
             ips: Mutex::new(IpAllocator::new(cfg.pod_cidr.0, cfg.pod_cidr.1)),
             cfg,
@@ -214,6 +235,8 @@ impl Agent {
                 .pool_max_idle_per_host(0)
                 .build()
                 .context("building the probe client")?,
+            services: services.clone(),
+            router: router.clone(),
         });
         node::register(&ctx, kubelet_addr.port())
             .await
@@ -223,6 +246,8 @@ impl Agent {
             ctx,
             kubelet_addr,
             listener,
+            dns_addr: dns.local_addr(),
+            dns,
         })
     }
 
@@ -232,12 +257,22 @@ impl Agent {
         let ctx = self.ctx;
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(server::serve(ctx.clone(), self.listener, shutdown.clone()));
+        tasks.spawn(self.dns.run(ctx.services.clone(), shutdown.clone()));
         tasks.spawn(node::heartbeat(
             ctx.clone(),
             self.kubelet_addr.port(),
             shutdown.clone(),
         ));
         tasks.spawn(sync_pods(ctx.clone(), shutdown.clone()));
+        tasks.spawn(proxy::run(
+            ctx.router.clone(),
+            proxy::ProxyConfig {
+                node_ip: ctx.cfg.node_ip,
+                max_connections: ctx.cfg.proxy_max_connections,
+            },
+            shutdown.clone(),
+        ));
+        tasks.spawn(ctx.services.clone().run(ctx.api.clone(), shutdown.clone()));
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r {
                 tracing::error!(error = %e, "an agent task failed");
@@ -362,7 +397,7 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
 }
 
 /// Sleeps `backoff` (doubling it up to 5 s for next time); false if shutdown came first.
-async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
+pub(crate) async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
     let wait = *backoff;
     *backoff = (wait * 2).min(Duration::from_secs(5));
     tokio::select! {

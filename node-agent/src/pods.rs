@@ -693,7 +693,13 @@ impl Runner {
                 };
                 run_stop.cancel();
                 for (port, h) in serving {
-                    self.sandbox.remove_route(port);
+                    // A pod being stopped keeps its routes: requests already on its
+                    // connections (draining) and from Services that have not yet seen the
+                    // Endpoints change are still answered during the grace period. A
+                    // restarting container's routes go, so nothing reaches a dead instance.
+                    if !self.stop.is_cancelled() {
+                        self.sandbox.remove_route(port);
+                    }
                     let _ = h.await;
                 }
                 exit

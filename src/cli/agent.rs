@@ -1,6 +1,6 @@
 //! `wasmctl agent` and `wasmctl up`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,6 +46,18 @@ pub struct AgentOpts {
     /// OCI registries reached over plain HTTP (HOST:PORT), e.g. a local registry.
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
+    /// Concurrent client connections per Service proxy listener (each ClusterIP:port and
+    /// NodePort); more wait in the kernel's accept queue.
+    #[arg(long, default_value_t = 4096)]
+    pub proxy_max_connections: usize,
+    /// Where the cluster DNS listens, UDP and TCP (IP:PORT; port 0 picks a free one).
+    /// Default: the node IP on port 53 if it can be bound, else 1053, else a free port.
+    #[arg(long)]
+    pub dns_listen: Option<SocketAddr>,
+    /// The domain the cluster DNS answers for (NAME.NS.svc.DOMAIN); names outside it are
+    /// REFUSED (no recursion).
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
 impl AgentOpts {
@@ -62,6 +74,9 @@ impl AgentOpts {
         cfg.instance_slots = self.instance_slots;
         cfg.sandbox.max_concurrent_requests = self.max_requests_per_pod;
         cfg.insecure_registries = self.insecure_registries.clone();
+        cfg.proxy_max_connections = self.proxy_max_connections;
+        cfg.dns.listen = self.dns_listen;
+        cfg.dns.cluster_domain = self.cluster_domain.clone();
         Ok(cfg)
     }
 }
@@ -119,8 +134,14 @@ pub async fn run_agent(kubeconfig: Option<&Path>, args: AgentArgs) -> Result<Exi
         agent.kubelet_addr,
         cfg.data_dir.display()
     );
+    println!("{}", dns_line(&agent));
     agent.run(shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The start line that says where the cluster DNS listens (tests and scripts read it).
+fn dns_line(agent: &Agent) -> String {
+    format!("cluster DNS listening on {} (udp+tcp)", agent.dns_addr)
 }
 
 #[derive(Args)]
@@ -156,6 +177,7 @@ pub async fn run_up(args: UpArgs) -> Result<ExitCode> {
         agent.kubelet_addr,
         cfg.data_dir.join("pods").display()
     );
+    println!("{}", dns_line(&agent));
     println!(
         "try: wasmctl --kubeconfig {} get nodes,pods -A",
         server.kubeconfig_path.display()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use wasmctl_control_plane::{Server, ServerConfig};
+use wasmctl_control_plane::{Ipv4Cidr, PortRange, Server, ServerConfig, ServiceRanges};
 
 #[derive(Args)]
 pub struct ServerArgs {
@@ -41,6 +41,13 @@ pub struct ServerArgs {
     /// after their toleration of that taint, 300 s by default).
     #[arg(long, default_value = "40s", value_parser = super::parse_duration)]
     pub node_monitor_grace_period: Duration,
+    /// The range Services' cluster IPs are allocated from (IPv4, /12 to /30). The default is
+    /// inside 127.0.0.0/8, so that every node on one host can bind them.
+    #[arg(long, default_value = "127.96.0.0/16")]
+    pub service_cluster_ip_range: Ipv4Cidr,
+    /// The range NodePort Services' ports are allocated from (and requested ports must be in).
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: PortRange,
 }
 
 impl ServerArgs {
@@ -53,6 +60,10 @@ impl ServerArgs {
         cfg.tls_sans = self.tls_sans.clone();
         cfg.snapshot_logs = self.snapshot_logs;
         cfg.controllers.node_monitor_grace_period = self.node_monitor_grace_period;
+        cfg.service_ranges = ServiceRanges {
+            cluster_ip: self.service_cluster_ip_range,
+            node_ports: self.service_node_port_range,
+        };
         cfg
     }
 }

@@ -38,7 +38,9 @@ fn samples() -> Vec<(&'static str, Option<&'static str>, Value)> {
         (
             "/api/v1/namespaces/default/endpoints",
             ns,
-            json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "web"},
+            // Not "web": the endpoints controller owns the Endpoints of Service "web" (and
+            // deletes them with it), as Kubernetes' does.
+            json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "external"},
             "subsets": [{"addresses": [{"ip": "127.1.0.2"}], "ports": [{"port": 8080}]}]}),
         ),
         (

@@ -105,13 +105,17 @@ impl Cluster {
     }
 
     fn rollout_status(&self, name: &str) {
-        self.ok(&[
-            "rollout",
-            "status",
-            &format!("deployment/{name}"),
-            "--timeout",
-            "120s",
-        ]);
+        let deployment = format!("deployment/{name}");
+        let out = self.wasmctl(&["rollout", "status", &deployment, "--timeout", "120s"]);
+        if !out.status.success() {
+            self.dump_and_panic(&format!("rollout status {name}"), &out);
+        }
+    }
+
+    /// Panics with the command's output and what the controllers left behind.
+    fn dump_and_panic(&self, what: &str, out: &std::process::Output) -> ! {
+        let state = self.wasmctl(&["get", "deploy,rs,pods", "-o", "yaml"]);
+        panic!("{what}: {}{}\n{}", stdout(out), stderr(out), stdout(&state));
     }
 }
 
@@ -576,4 +580,49 @@ async fn deletion_propagation_orphan_foreground_and_background() {
     let d = deletions(&c, &[DEPLOY, RSS, PODS], &rv, 4).await;
     let deploy_rv = d["Deployment/web"];
     assert!(d.values().all(|rv| *rv >= deploy_rv), "{d:?}");
+}
+
+fn kubectl(c: &Cluster, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&c.server.kubeconfig)
+        .args(args)
+        .env("HOME", c.dir.path().join("kubectl-home"))
+        .output()
+        .expect("kubectl must be installed (see README)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_kubectl_scales_waits_for_and_undoes_rollouts() {
+    let c = Cluster::start(&["node-a"], &[], &[]).await;
+    let t = Duration::from_secs(90);
+    c.apply(&deployment("web", "hello:v1", 1, ""));
+    let ok = |args: &[&str]| {
+        let out = kubectl(&c, args);
+        if !out.status.success() {
+            c.dump_and_panic(&format!("kubectl {args:?}"), &out);
+        }
+        stdout(&out)
+    };
+    // kubectl scale goes through the scale subresource.
+    let out = ok(&["scale", "deployment/web", "--replicas=3"]);
+    assert!(out.contains("deployment.apps/web scaled"), "{out}");
+    let out = ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    c.wait_ready("web", "hello:v1", 3, t).await;
+    let scale = c
+        .get("/apis/apps/v1/namespaces/default/deployments/web/scale")
+        .await;
+    assert_eq!(
+        (scale["kind"].as_str(), scale["spec"]["replicas"].as_i64()),
+        (Some("Scale"), Some(3))
+    );
+    assert_eq!(scale["status"]["selector"], "app=web");
+
+    c.apply(&deployment("web", "hello:v2", 3, ""));
+    ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    let out = ok(&["rollout", "undo", "deployment/web"]);
+    assert!(out.contains("rolled back"), "{out}");
+    ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    c.wait_ready("web", "hello:v1", 3, t).await;
 }

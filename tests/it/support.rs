@@ -304,6 +304,9 @@ pub struct AgentProc {
     pub name: String,
     pub data_dir: PathBuf,
     pub octet: u8,
+    /// Where its cluster DNS listens (UDP and TCP): an ephemeral port unless `extra` says
+    /// `--dns-listen`.
+    pub dns: std::net::SocketAddr,
     kubeconfig: PathBuf,
     extra: Vec<String>,
 }
@@ -335,19 +338,23 @@ impl AgentProc {
         let mut child = Command::new(bin())
             .arg("--kubeconfig")
             .arg(&kubeconfig)
-            .args([
-                "agent",
-                "--name",
-                name,
-                "--node-ip",
-                "127.0.0.1",
-                "--kubelet-port",
-                "0",
-            ])
+            .args(["agent", "--name", name, "--kubelet-port", "0"])
+            // Agents share 127.0.0.1 unless `extra` gives one its own `--node-ip` (NodePorts
+            // of two agents on one address would be the same sockets).
+            .args(if extra.iter().any(|a| a.starts_with("--node-ip")) {
+                &[][..]
+            } else {
+                &["--node-ip", "127.0.0.1"][..]
+            })
             .arg("--pod-cidr")
             .arg(format!("127.{octet}.0.0/16"))
             .arg("--data-dir")
             .arg(data_dir)
+            .args(if extra.iter().any(|a| a.starts_with("--dns-listen")) {
+                &[][..]
+            } else {
+                &["--dns-listen", "127.0.0.1:0"][..]
+            })
             .args(&extra)
             .env(
                 "RUST_LOG",
@@ -366,14 +373,41 @@ impl AgentProc {
                 panic!("wasmctl agent did not start: {other:?}");
             }
         }
+        // The next line: "cluster DNS listening on IP:PORT (udp+tcp)".
+        let dns = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => line
+                .strip_prefix("cluster DNS listening on ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|addr| addr.parse().ok()),
+            Err(_) => None,
+        };
+        let Some(dns) = dns else {
+            let _ = child.kill();
+            panic!("wasmctl agent did not announce its cluster DNS address");
+        };
         AgentProc {
             child,
             name: name.to_string(),
             data_dir: data_dir.to_path_buf(),
             octet,
+            dns,
             kubeconfig,
             extra,
         }
+    }
+
+    /// The node IP it was started with (`--node-ip` in `extra`, else 127.0.0.1).
+    pub fn node_ip(&self) -> String {
+        self.extra
+            .iter()
+            .position(|a| a == "--node-ip")
+            .and_then(|i| self.extra.get(i + 1).cloned())
+            .or_else(|| {
+                self.extra
+                    .iter()
+                    .find_map(|a| a.strip_prefix("--node-ip=").map(str::to_string))
+            })
+            .unwrap_or_else(|| "127.0.0.1".into())
     }
 
     /// SIGKILL and start again with the same name, data dir and pod CIDR.

@@ -4,6 +4,7 @@
 //! and errors as Kubernetes JSON (`Status` for every failure).
 
 mod discovery;
+mod scale;
 mod watch;
 
 use std::collections::HashMap;
@@ -551,6 +552,25 @@ async fn route_request(
                     return Err(ApiError::MethodNotAllowed);
                 }
                 return pod_logs(&state, info, ns.unwrap_or("default"), &name, &q).await;
+            }
+            if sub.as_deref() == Some("scale") && scale::has_scale(info) {
+                return match method {
+                    Method::GET => ok(scale::to_scale(&state.objects.get(info, ns, &name).await?)),
+                    Method::PUT | Method::PATCH => {
+                        let is_patch = method == Method::PATCH;
+                        let (ct, body) = read_body(req).await?;
+                        let v = parse_json_body(
+                            if is_patch {
+                                Some("application/json")
+                            } else {
+                                ct.as_deref()
+                            },
+                            &body,
+                        )?;
+                        ok(scale::update(&state.objects, info, ns, &name, &v, is_patch).await?)
+                    }
+                    _ => Err(ApiError::MethodNotAllowed),
+                };
             }
             let sub = match sub.as_deref() {
                 None => Subresource::Main,

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod nodelifecycle;
 pub mod queue;
@@ -292,6 +293,16 @@ pub fn start(objects: Objects, cfg: ControllerConfig, shutdown: CancellationToke
         nodelifecycle::NodeLifecycleController::new(ctx.clone(), cfg.node_monitor_grace_period),
         ctx,
         nl_queue,
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    let ep_queue = WorkQueue::new();
+    endpoints::watch(&cache, &ep_queue);
+    let ctx = Ctx::new(objects.clone(), cache.clone());
+    tasks.spawn(run(
+        endpoints::EndpointsController::new(ctx.clone()),
+        ctx,
+        ep_queue,
         cfg.clone(),
         shutdown.clone(),
     ));

@@ -19,9 +19,10 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use wasmtime::component::types::ComponentItem;
@@ -31,6 +32,7 @@ use wasmtime::Result;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use pod::PodSandbox;
 use state::GuestState;
 
 /// How often the epoch advances: the CPU accounting quantum and the longest a spinning guest
@@ -105,6 +107,45 @@ pub struct Runtime {
     compile_lock: tokio::sync::Mutex<()>,
     ticker_stop: Arc<AtomicBool>,
     ticker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Every live sandbox of this node by pod IP (the proxy's in-process path).
+    pub pods: Arc<PodDirectory>,
+    /// Service routing for outgoing traffic of pods (set once when the agent starts).
+    router: OnceLock<Arc<crate::proxy::Router>>,
+}
+
+/// The node's pod IP → sandbox map: how the proxy and in-pod service routing find an endpoint
+/// that runs on this node, to serve it in-process. Sandboxes register themselves when built
+/// ([`PodSandbox::new`]) and leave when dropped.
+#[derive(Default)]
+pub struct PodDirectory {
+    pods: RwLock<HashMap<Ipv4Addr, Weak<PodSandbox>>>,
+}
+
+impl PodDirectory {
+    /// The live sandbox with pod IP `ip`.
+    pub fn get(&self, ip: Ipv4Addr) -> Option<Arc<PodSandbox>> {
+        self.pods
+            .read()
+            .expect("pods lock")
+            .get(&ip)
+            .and_then(Weak::upgrade)
+    }
+
+    pub(crate) fn insert(&self, sandbox: &Arc<PodSandbox>) {
+        self.pods
+            .write()
+            .expect("pods lock")
+            .insert(sandbox.ip, Arc::downgrade(sandbox));
+    }
+
+    /// Removes `ip` if it still maps to the sandbox at `ptr` (a pod IP may already have been
+    /// handed to a newer pod).
+    pub(crate) fn remove(&self, ip: Ipv4Addr, ptr: *const PodSandbox) {
+        let mut pods = self.pods.write().expect("pods lock");
+        if pods.get(&ip).is_some_and(|w| w.as_ptr() == ptr) {
+            pods.remove(&ip);
+        }
+    }
 }
 
 impl Runtime {
@@ -166,7 +207,19 @@ impl Runtime {
             compile_lock: tokio::sync::Mutex::new(()),
             ticker_stop,
             ticker: Mutex::new(Some(ticker)),
+            pods: Arc::new(PodDirectory::default()),
+            router: OnceLock::new(),
         }))
+    }
+
+    /// Installs the node's service router (once; later calls are ignored).
+    pub fn set_router(&self, router: Arc<crate::proxy::Router>) {
+        let _ = self.router.set(router);
+    }
+
+    /// The node's service router, once the agent has installed it.
+    pub fn router(&self) -> Option<&Arc<crate::proxy::Router>> {
+        self.router.get()
     }
 
     pub fn engine(&self) -> &Engine {

@@ -202,7 +202,7 @@ impl PodSandbox {
         limits: SandboxLimits,
         egress: Egress,
     ) -> Arc<PodSandbox> {
-        Arc::new(PodSandbox {
+        let sandbox = Arc::new(PodSandbox {
             key,
             ip,
             budget,
@@ -214,7 +214,20 @@ impl PodSandbox {
             egress,
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),
-        })
+        });
+        sandbox.runtime.pods.insert(&sandbox);
+        sandbox
+    }
+
+    /// The pod's namespace (service names without a namespace resolve in it).
+    pub fn namespace(&self) -> &str {
+        self.key.split_once('/').map(|(ns, _)| ns).unwrap_or("")
+    }
+
+    /// The pod is being stopped (termination closes its task tracker first): Services must
+    /// not send it new requests, in-flight ones finish.
+    pub fn is_terminating(&self) -> bool {
+        self.tasks.is_closed() || self.kill.is_cancelled()
     }
 
     pub fn serves_http(&self, port: u16) -> bool {
@@ -251,8 +264,12 @@ impl PodSandbox {
             .allow_ip_name_lookup(true);
         let ip = self.ip;
         let egress = self.egress.clone();
+        let router = self.runtime.router().cloned();
         b.socket_addr_check(move |addr, usage| {
-            let ok = socket_allowed(ip, &egress, addr, usage);
+            // Service ClusterIPs are in-cluster: the node's proxy listens there.
+            let ok = socket_allowed(ip, &egress, addr, usage)
+                || (matches!(usage, SocketAddrUse::TcpConnect)
+                    && router.as_ref().is_some_and(|r| r.is_cluster_ip(addr)));
             Box::pin(async move { ok })
         });
         for m in &cfg.mounts {
@@ -272,8 +289,17 @@ impl PodSandbox {
             http: WasiHttpCtx::new(),
             table,
             limiter: StoreLimiter::new(self.budget.clone(), self.limits.max_instance_memory),
-            hooks: PodHttpHooks::new(Arc::downgrade(self), self.ip),
+            hooks: PodHttpHooks::new(
+                Arc::downgrade(self),
+                self.ip,
+                self.namespace().to_string(),
+                self.runtime.router().cloned(),
+            ),
             pod_ip: self.ip,
+            services: self
+                .runtime
+                .router()
+                .map(|r| r.name_lookup(self.namespace())),
         };
         let mut store = Store::new(self.runtime.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -443,6 +469,12 @@ impl PodSandbox {
                 }
             });
         }
+    }
+}
+
+impl Drop for PodSandbox {
+    fn drop(&mut self) {
+        self.runtime.pods.remove(self.ip, self as *const PodSandbox);
     }
 }
 

@@ -25,7 +25,15 @@ use wasmtime_wasi::WasiView;
 pub trait PodAddr {
     /// The pod's loopback identity, in 127.0.0.0/8 (e.g. `127.1.0.7`).
     fn pod_ip(&self) -> Ipv4Addr;
+    /// Resolves Service names (`web`, `web.shop`, `web.shop.svc.cluster.local`, seen from
+    /// this pod's namespace) to their ClusterIP, for `ip-name-lookup`.
+    fn service_lookup(&self) -> Option<ServiceLookup> {
+        None
+    }
 }
+
+/// A Service name → ClusterIP resolver (see [`PodAddr::service_lookup`]).
+pub type ServiceLookup = std::sync::Arc<dyn Fn(&str) -> Option<Ipv4Addr> + Send + Sync>;
 
 /// Re-registers the `wasi:sockets/{tcp,udp,ip-name-lookup}` interfaces with pod-loopback
 /// rewriting. Call after `wasmtime_wasi::p2::add_to_linker_async(linker)`; sets
@@ -140,13 +148,16 @@ impl HasData for PodSockets {
 struct PodSocketsView<'a> {
     inner: WasiSocketsCtxView<'a>,
     pod_ip: Ipv4Addr,
+    services: Option<ServiceLookup>,
 }
 
 fn pod_sockets<T: WasiView + PodAddr>(t: &mut T) -> PodSocketsView<'_> {
     let pod_ip = t.pod_ip();
+    let services = t.service_lookup();
     PodSocketsView {
         inner: t.sockets(),
         pod_ip,
+        services,
     }
 }
 
@@ -596,15 +607,21 @@ impl udp::HostOutgoingDatagramStream for PodSocketsView<'_> {
 
 impl ip_name_lookup::Host for PodSocketsView<'_> {
     /// `localhost` (and `*.localhost`) resolves to the guest-visible `127.0.0.1` only, never to
-    /// the host's `::1`; it still goes through wasmtime-wasi, so a pod without name lookup
-    /// permission gets the same error for it as for any other name.
+    /// the host's `::1`, and a Service name to its ClusterIP; both still go through
+    /// wasmtime-wasi (as IP literals), so a pod without name lookup permission gets the same
+    /// error for them as for any other name.
     fn resolve_addresses(
         &mut self,
         network: Resource<ip_name_lookup::Network>,
         name: String,
     ) -> SocketResult<Resource<ip_name_lookup::ResolveAddressStream>> {
+        let service_ip = self.services.as_ref().and_then(|f| f(&name));
         let name = if is_localhost(&name) {
             IpAddr::V4(GUEST_LOOPBACK).to_string()
+        } else if let Some(ip) = service_ip {
+            // A Service name: its ClusterIP, where the node's proxy listens (as cluster DNS
+            // would answer; the guest then connects to it like to any address).
+            ip.to_string()
         } else {
             name
         };

@@ -9,7 +9,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::http::PodHttpHooks;
 use super::limits::StoreLimiter;
-use super::sockets::PodAddr;
+use super::sockets::{PodAddr, ServiceLookup};
 
 pub struct GuestState {
     pub wasi: WasiCtx,
@@ -18,6 +18,9 @@ pub struct GuestState {
     pub limiter: StoreLimiter,
     pub hooks: PodHttpHooks,
     pub pod_ip: Ipv4Addr,
+    /// Service names → ClusterIP for `ip-name-lookup` (absent until the agent's service
+    /// router is installed).
+    pub services: Option<ServiceLookup>,
 }
 
 impl WasiView for GuestState {
@@ -42,5 +45,8 @@ impl WasiHttpView for GuestState {
 impl PodAddr for GuestState {
     fn pod_ip(&self) -> Ipv4Addr {
         self.pod_ip
+    }
+    fn service_lookup(&self) -> Option<ServiceLookup> {
+        self.services.clone()
     }
 }

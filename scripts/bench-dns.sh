@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Cluster DNS benchmark (issue 5): one `wasmctl up` in a temp dir with BENCH_SERVICES (100)
+# Services (named port `http`, ClusterIPs 127.96.1.x), then `dnsperf` against the agent's
+# DNS and against `dnsmasq` serving the same records (--host-record / --srv-host, the same
+# TTL), with the same query file (one A and one SRV query per Service), in the same run,
+# alternating BENCH_ROUNDS (3) times. Prints one JSON line per dnsperf run and a summary
+# line with the best QPS of each and the ratio. Anchor: CoreDNS ≈ 17k QPS per core.
+#   BENCH_SECONDS (10) per run, BENCH_CLIENTS (8) dnsperf clients, BENCH_OUTSTANDING (256)
+#   queries in flight, BENCH_THREADS (1) dnsperf threads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+need=()
+command -v dnsperf >/dev/null || need+=(dnsperf)
+# dnsmasq-base is the binary alone (the `dnsmasq` package also installs a system service).
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+command -v dig >/dev/null || need+=(bind9-dnsutils)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+DNSMASQ=$(command -v dnsmasq || echo /usr/sbin/dnsmasq)
+cargo build --locked --bin wasmctl
+N="${BENCH_SERVICES:-100}"; ROUNDS="${BENCH_ROUNDS:-3}"; SECONDS_PER_RUN="${BENCH_SECONDS:-10}"
+CLIENTS="${BENCH_CLIENTS:-8}"; OUTSTANDING="${BENCH_OUTSTANDING:-256}"; THREADS="${BENCH_THREADS:-1}"
+[ "$N" -le 250 ] || { echo "BENCH_SERVICES must be <= 250" >&2; exit 2; }
+WORK=$(mktemp -d)
+UP_PID=; MASQ_PID=
+cleanup() {
+  [ -z "$MASQ_PID" ] || kill "$MASQ_PID" 2>/dev/null || true
+  if [ -n "$UP_PID" ]; then
+    kill -INT "$UP_PID" 2>/dev/null || true
+    for _ in $(seq 1 600); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$UP_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$WASMCTL_BIN" up --data-dir "$WORK" --listen 127.0.0.1:0 --name node-1 --kubelet-port 0 \
+  --pod-cidr 127.79.0.0/16 --dns-listen 127.0.0.1:0 >"$WORK/up.out" 2>"$WORK/up.log" &
+UP_PID=$!
+for _ in $(seq 1 600); do
+  grep -q "cluster DNS listening on" "$WORK/up.out" 2>/dev/null && break
+  kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/up.log" >&2; exit 1; }
+  sleep 0.1
+done
+AGENT_DNS=$(sed -n 's/^cluster DNS listening on \([0-9.]*:[0-9]*\).*/\1/p' "$WORK/up.out")
+AGENT_PORT=${AGENT_DNS##*:}
+W=("$WASMCTL_BIN" --kubeconfig "$WORK/kubeconfig.yaml")
+
+# N Services, one manifest.
+for i in $(seq 0 $((N - 1))); do
+  printf -- '---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-%03d\nspec:\n  clusterIP: 127.96.1.%d\n  selector:\n    app: svc-%03d\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n' \
+    "$i" $((i + 1)) "$i"
+done >"$WORK/services.yaml"
+"${W[@]}" apply -f "$WORK/services.yaml" >/dev/null
+
+# The records as the API server has them (name, clusterIP) — dnsmasq gets the same.
+"${W[@]}" get services -n default -o json | python3 -c '
+import json, sys
+for s in json.load(sys.stdin)["items"]:
+    if s["metadata"]["name"].startswith("svc-"):
+        print(s["metadata"]["name"], s["spec"]["clusterIP"])' >"$WORK/records.txt"
+[ "$(wc -l <"$WORK/records.txt")" -eq "$N" ] || { echo "expected $N services" >&2; exit 1; }
+
+MASQ_PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+MASQ_ARGS=(--no-daemon --port "$MASQ_PORT" --listen-address 127.0.0.1 --bind-interfaces --no-resolv
+  --no-hosts --local=/cluster.local/ --local-ttl=5 --log-facility=- --user=root)
+while read -r name ip; do
+  fqdn="$name.default.svc.cluster.local"
+  echo "$fqdn A" >>"$WORK/queries.txt"
+  echo "_http._tcp.$fqdn SRV" >>"$WORK/queries.txt"
+  MASQ_ARGS+=("--host-record=$fqdn,$ip" "--srv-host=_http._tcp.$fqdn,$fqdn,80,0,100")
+done <"$WORK/records.txt"
+"$DNSMASQ" "${MASQ_ARGS[@]}" >"$WORK/dnsmasq.log" 2>&1 &
+MASQ_PID=$!
+
+# Both answer the last Service the same way (the agent may still be catching up).
+last=$(tail -1 "$WORK/records.txt" | cut -d' ' -f1).default.svc.cluster.local
+for _ in $(seq 1 100); do
+  a=$(dig @127.0.0.1 -p "$AGENT_PORT" +short +time=1 +tries=1 "$last" || true)
+  m=$(dig @127.0.0.1 -p "$MASQ_PORT" +short +time=1 +tries=1 "$last" || true)
+  [ -n "$a" ] && [ "$a" = "$m" ] && break
+  sleep 0.1
+done
+[ -n "$a" ] && [ "$a" = "$m" ] || { echo "agent ($a) and dnsmasq ($m) disagree on $last" >&2; cat "$WORK/dnsmasq.log" >&2; exit 1; }
+sa=$(dig @127.0.0.1 -p "$AGENT_PORT" +short "_http._tcp.$last" SRV)
+sm=$(dig @127.0.0.1 -p "$MASQ_PORT" +short "_http._tcp.$last" SRV)
+[ "$sa" = "$sm" ] || { echo "SRV differs: agent '$sa' dnsmasq '$sm'" >&2; exit 1; }
+
+# run SYSTEM PORT: one dnsperf run, one JSON line.
+run() {
+  dnsperf -s 127.0.0.1 -p "$2" -d "$WORK/queries.txt" -l "$SECONDS_PER_RUN" -c "$CLIENTS" \
+    -T "$THREADS" -q "$OUTSTANDING" >"$WORK/perf.out" 2>&1 || true
+  python3 - "$1" "$WORK/perf.out" "$N" <<'PY'
+import json, re, sys
+system, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = open(path).read()
+def grab(p, conv=float):
+    m = re.search(p, t)
+    return conv(m.group(1)) if m else None
+print(json.dumps({
+    "bench": "dns", "system": system, "services": n,
+    "qps": grab(r"Queries per second:\s+([\d.]+)"),
+    "completed": grab(r"Queries completed:\s+(\d+)", int),
+    "lost": grab(r"Queries lost:\s+(\d+)", int),
+    "avg_latency_ms": round(grab(r"Average Latency \(s\):\s+([\d.]+)") * 1000, 3) if grab(r"Average Latency \(s\):\s+([\d.]+)") is not None else None,
+    "latency_stddev_ms": round(grab(r"Latency StdDev \(s\):\s+([\d.]+)") * 1000, 3) if grab(r"Latency StdDev \(s\):\s+([\d.]+)") is not None else None,
+    "rcodes": (re.search(r"Response codes:\s+(.*)", t).group(1).strip() if re.search(r"Response codes:\s+(.*)", t) else None),
+}))
+PY
+}
+
+for _ in $(seq 1 "$ROUNDS"); do
+  run "wasmctl agent" "$AGENT_PORT" | tee -a "$WORK/results.jsonl"
+  run "dnsmasq" "$MASQ_PORT" | tee -a "$WORK/results.jsonl"
+done
+python3 - "$WORK/results.jsonl" "$(nproc)" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+best = {}
+for r in rows:
+    if r["qps"] is not None:
+        best[r["system"]] = max(best.get(r["system"], 0), r["qps"])
+a, m = best.get("wasmctl agent"), best.get("dnsmasq")
+print(json.dumps({
+    "bench": "dns summary", "cores": int(sys.argv[2]),
+    "wasmctl_qps_best": a, "dnsmasq_qps_best": m,
+    "ratio_wasmctl_over_dnsmasq": round(a / m, 2) if a and m else None,
+    "coredns_anchor_qps": 17000 * int(sys.argv[2]), "goal_qps": 100000,
+}))
+PY

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Service proxy benchmark (issue 5): one `wasmctl up` (node IP 127.251.0.1, ClusterIPs from
+# 127.98.0.0/24, pods in 127.78.0.0/16, away from other clusters on this machine), a 1-replica
+# `hello` Deployment behind a NodePort Service (port named `http`: per-request HTTP mode),
+# then the same wrk run against
+#   direct   — the pod (podIP:8080, the agent serving the component in-process),
+#   nodeport — the agent's proxy (nodeIP:30090 → in-process to the same pod),
+#   haproxy  — Debian's haproxy (HTTP mode, keep-alive both sides) in front of the same pod.
+# Prints one JSON line per run and a markdown table with the ratios to direct.
+#   BENCH_WRK_ARGS (-t2 -c32 -d10s)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
+command -v haproxy >/dev/null || apt-get install -y -qq haproxy >/dev/null
+cargo build --locked --bin wasmctl
+(cd wasi-apps && cargo build --locked --release --target wasm32-wasip2)
+HELLO="$PWD/wasi-apps/target/wasm32-wasip2/release/hello.wasm"
+WRK_ARGS="${BENCH_WRK_ARGS:--t2 -c32 -d10s}"
+NODE_IP=127.251.0.1
+NODE_PORT=30090
+HAPROXY_PORT=30091
+WORK=$(mktemp -d)
+UP_PID=
+HA_PID=
+cleanup() {
+  [ -z "$HA_PID" ] || kill "$HA_PID" 2>/dev/null || true
+  if [ -n "$UP_PID" ]; then
+    kill -INT "$UP_PID" 2>/dev/null || true
+    for _ in $(seq 1 300); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$UP_PID" 2>/dev/null || true
+  fi
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+"$WASMCTL_BIN" up --data-dir "$WORK/up" --listen 127.0.0.1:0 --name node-1 --kubelet-port 0 \
+  --node-ip "$NODE_IP" --pod-cidr 127.78.0.0/16 --dns-listen "$NODE_IP:0" \
+  --service-cluster-ip-range 127.98.0.0/24 >"$WORK/up.out" 2>"$WORK/up.log" &
+UP_PID=$!
+for _ in $(seq 1 600); do
+  grep -q "API server listening on" "$WORK/up.out" 2>/dev/null && break
+  kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/up.log" >&2; exit 1; }
+  sleep 0.1
+done
+W=("$WASMCTL_BIN" --kubeconfig "$WORK/up/kubeconfig.yaml")
+"${W[@]}" push "$HELLO" hello:v1 >/dev/null
+"${W[@]}" apply -f - >/dev/null <<EOF
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: hello
+        image: hello:v1
+        ports:
+        - containerPort: 8080
+        readinessProbe:
+          httpGet:
+            path: /
+            port: 8080
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: NodePort
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+    nodePort: $NODE_PORT
+EOF
+POD_IP=
+for _ in $(seq 1 600); do
+  POD_IP=$("${W[@]}" get endpoints web -o json 2>/dev/null \
+    | python3 -c 'import json,sys; e=json.load(sys.stdin); print(e["subsets"][0]["addresses"][0]["ip"])' 2>/dev/null || true)
+  [ -n "$POD_IP" ] && curl -fsS "http://$NODE_IP:$NODE_PORT/" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+[ -n "$POD_IP" ] || { echo "the service never got an endpoint" >&2; exit 1; }
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  maxconn 4096
+  nbthread 2
+defaults
+  mode http
+  option http-keep-alive
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+frontend web
+  bind $NODE_IP:$HAPROXY_PORT
+  default_backend pods
+backend pods
+  balance roundrobin
+  http-reuse always
+  server pod1 $POD_IP:8080
+EOF
+haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
+HA_PID=$!
+for _ in $(seq 1 100); do curl -fsS "http://$NODE_IP:$HAPROXY_PORT/" >/dev/null 2>&1 && break; sleep 0.1; done
+
+echo "wasmctl: $("$WASMCTL_BIN" --version); $(haproxy -v | head -1); wrk: $(wrk -v 2>&1 | head -1); $(nproc) cores; wrk $WRK_ARGS"
+OUT="$WORK/results.jsonl"
+: >"$OUT"
+run() {
+  local system=$1 url=$2
+  # shellcheck disable=SC2086
+  wrk $WRK_ARGS --latency "$url" >"$WORK/$system.wrk"
+  python3 - "$system" "$url" "$WORK/$system.wrk" "$WRK_ARGS" <<'PY' | tee -a "$OUT"
+import json, re, sys
+system, url, path, args = sys.argv[1:5]
+t = open(path).read()
+def grab(p):
+    m = re.search(p, t, re.M)
+    return m.group(1) if m else None
+print(json.dumps({"bench": "proxy", "system": system, "url": url, "args": args,
+    "req_per_s": grab(r"^Requests/sec:\s+(\S+)"), "p50": grab(r"^\s+50%\s+(\S+)"),
+    "p99": grab(r"^\s+99%\s+(\S+)"), "requests": grab(r"^\s+(\d+) requests in"),
+    "non_2xx": grab(r"Non-2xx or 3xx responses: (\d+)"), "socket_errors": grab(r"Socket errors: (.*)$")}))
+PY
+}
+run direct "http://$POD_IP:8080/"
+run nodeport "http://$NODE_IP:$NODE_PORT/"
+run haproxy "http://$NODE_IP:$HAPROXY_PORT/"
+
+python3 - "$OUT" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+base = float(rows[0]["req_per_s"])
+print()
+print("| path | req/s | p50 | p99 | vs direct | errors |")
+print("|------|------:|----:|----:|----------:|--------|")
+for r in rows:
+    rps = float(r["req_per_s"])
+    errs = ", ".join(x for x in [r["non_2xx"] and f'{r["non_2xx"]} non-2xx', r["socket_errors"]] if x) or "none"
+    print(f'| {r["system"]} | {rps:,.0f} | {r["p50"]} | {r["p99"]} | {rps / base:.2f}x | {errs} |')
+PY
