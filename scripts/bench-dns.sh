@@ -3,8 +3,10 @@
 # Services (named port `http`, ClusterIPs 127.96.1.x), then `dnsperf` against the agent's
 # DNS and against `dnsmasq` serving the same records (--host-record / --srv-host, the same
 # TTL), with the same query file (one A and one SRV query per Service), in the same run,
-# alternating BENCH_ROUNDS (3) times. Prints one JSON line per dnsperf run and a summary
-# line with the best QPS of each and the ratio. Anchor: CoreDNS ≈ 17k QPS per core.
+# alternating BENCH_ROUNDS (3) times. Prints one JSON line per dnsperf run (QPS, latency,
+# and the server process's CPU time per query — for the agent that is the whole `wasmctl up`
+# process, idle apart from DNS) and a summary line: best and median QPS of each, the ratio
+# of the bests, the lowest CPU per query. Anchor: CoreDNS ≈ 17k QPS per core.
 #   BENCH_SECONDS (10) per run, BENCH_CLIENTS (8) dnsperf clients, BENCH_OUTSTANDING (256)
 #   queries in flight, BENCH_THREADS (1) dnsperf threads.
 set -euo pipefail
@@ -88,13 +90,20 @@ sa=$(dig @127.0.0.1 -p "$AGENT_PORT" +short "_http._tcp.$last" SRV)
 sm=$(dig @127.0.0.1 -p "$MASQ_PORT" +short "_http._tcp.$last" SRV)
 [ "$sa" = "$sm" ] || { echo "SRV differs: agent '$sa' dnsmasq '$sm'" >&2; exit 1; }
 
-# run SYSTEM PORT: one dnsperf run, one JSON line.
+# CPU time (user + system, clock ticks) a process used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# run SYSTEM PORT PID: one dnsperf run, one JSON line (with the server's CPU per query: the
+# figure that other load on the machine disturbs least).
 run() {
+  local c0 c1
+  c0=$(cpu_ticks "$3")
   dnsperf -s 127.0.0.1 -p "$2" -d "$WORK/queries.txt" -l "$SECONDS_PER_RUN" -c "$CLIENTS" \
     -T "$THREADS" -q "$OUTSTANDING" >"$WORK/perf.out" 2>&1 || true
-  python3 - "$1" "$WORK/perf.out" "$N" <<'PY'
+  c1=$(cpu_ticks "$3")
+  python3 - "$1" "$WORK/perf.out" "$N" "$((c1 - c0))" "$(getconf CLK_TCK)" <<'PY'
 import json, re, sys
-system, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+system, path, n, ticks, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 t = open(path).read()
 def grab(p, conv=float):
     m = re.search(p, t)
@@ -106,27 +115,35 @@ print(json.dumps({
     "lost": grab(r"Queries lost:\s+(\d+)", int),
     "avg_latency_ms": round(grab(r"Average Latency \(s\):\s+([\d.]+)") * 1000, 3) if grab(r"Average Latency \(s\):\s+([\d.]+)") is not None else None,
     "latency_stddev_ms": round(grab(r"Latency StdDev \(s\):\s+([\d.]+)") * 1000, 3) if grab(r"Latency StdDev \(s\):\s+([\d.]+)") is not None else None,
+    "server_cpu_s": round(ticks / hz, 2),
+    "server_cpu_us_per_query": round(ticks / hz / grab(r"Queries completed:\s+(\d+)", int) * 1e6, 2) if grab(r"Queries completed:\s+(\d+)", int) else None,
     "rcodes": (re.search(r"Response codes:\s+(.*)", t).group(1).strip() if re.search(r"Response codes:\s+(.*)", t) else None),
 }))
 PY
 }
 
 for _ in $(seq 1 "$ROUNDS"); do
-  run "wasmctl agent" "$AGENT_PORT" | tee -a "$WORK/results.jsonl"
-  run "dnsmasq" "$MASQ_PORT" | tee -a "$WORK/results.jsonl"
+  run "wasmctl agent" "$AGENT_PORT" "$UP_PID" | tee -a "$WORK/results.jsonl"
+  run "dnsmasq" "$MASQ_PORT" "$MASQ_PID" | tee -a "$WORK/results.jsonl"
 done
 python3 - "$WORK/results.jsonl" "$(nproc)" <<'PY'
 import json, sys
+import statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
-best = {}
-for r in rows:
-    if r["qps"] is not None:
-        best[r["system"]] = max(best.get(r["system"], 0), r["qps"])
-a, m = best.get("wasmctl agent"), best.get("dnsmasq")
+def of(system, key):
+    return [r[key] for r in rows if r["system"] == system and r[key] is not None]
+def stat(f, system, key):
+    v = of(system, key)
+    return round(f(v), 2) if v else None
+a, m = stat(max, "wasmctl agent", "qps"), stat(max, "dnsmasq", "qps")
+ca, cm = stat(min, "wasmctl agent", "server_cpu_us_per_query"), stat(min, "dnsmasq", "server_cpu_us_per_query")
 print(json.dumps({
     "bench": "dns summary", "cores": int(sys.argv[2]),
     "wasmctl_qps_best": a, "dnsmasq_qps_best": m,
+    "wasmctl_qps_median": stat(statistics.median, "wasmctl agent", "qps"),
+    "dnsmasq_qps_median": stat(statistics.median, "dnsmasq", "qps"),
     "ratio_wasmctl_over_dnsmasq": round(a / m, 2) if a and m else None,
+    "wasmctl_cpu_us_per_query_best": ca, "dnsmasq_cpu_us_per_query_best": cm,
     "coredns_anchor_qps": 17000 * int(sys.argv[2]), "goal_qps": 100000,
 }))
 PY

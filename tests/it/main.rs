@@ -11,4 +11,5 @@ mod kubectl;
 mod nodes;
 mod proxy;
 mod services;
+mod shop;
 mod support;

@@ -4,7 +4,7 @@
 //! connection otherwise (on one host every pod IP is on loopback; the other node's agent
 //! serves it in-process there).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -60,10 +60,6 @@ impl Router {
 
     pub fn table(&self) -> &Arc<ServiceTable> {
         &self.table
-    }
-
-    pub fn balancer(&self) -> &Balancer {
-        &self.balancer
     }
 
     /// Whether `addr`'s IP is some Service's ClusterIP (pods may connect there).
@@ -188,11 +184,6 @@ impl Router {
 
     pub async fn shutdown(&self) {
         self.pool.shutdown().await;
-    }
-
-    /// The endpoint addresses (for tests): `ip` is local when a sandbox of this node has it.
-    pub fn is_local(&self, ip: Ipv4Addr) -> bool {
-        self.pods.get(ip).is_some()
     }
 }
 

@@ -27,6 +27,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
 use super::http::PodHttpHooks;
 use super::limits::{is_oom, PodBudget, StoreLimiter};
 use super::logs::{ContainerLog, Stream};
+use super::sockets::ServiceLookup;
 use super::state::GuestState;
 use super::{LoadedComponent, Runtime};
 
@@ -187,6 +188,10 @@ pub struct PodSandbox {
     requests: Arc<Semaphore>,
     connections: Arc<Semaphore>,
     egress: Egress,
+    /// The node's service router (absent in a runtime without one), for outgoing traffic.
+    router: Option<Arc<crate::proxy::Router>>,
+    /// Service names → ClusterIP as seen from this pod's namespace (`ip-name-lookup`).
+    service_lookup: Option<ServiceLookup>,
     /// Cancelled when the pod is killed: in-flight guests stop at their next yield.
     pub kill: CancellationToken,
     /// In-flight requests and listeners, so termination can drain them.
@@ -202,7 +207,12 @@ impl PodSandbox {
         limits: SandboxLimits,
         egress: Egress,
     ) -> Arc<PodSandbox> {
+        let router = runtime.router().cloned();
+        let namespace = key.split_once('/').map(|(ns, _)| ns).unwrap_or("");
+        let service_lookup = router.as_ref().map(|r| r.name_lookup(namespace));
         let sandbox = Arc::new(PodSandbox {
+            router,
+            service_lookup,
             key,
             ip,
             budget,
@@ -264,7 +274,7 @@ impl PodSandbox {
             .allow_ip_name_lookup(true);
         let ip = self.ip;
         let egress = self.egress.clone();
-        let router = self.runtime.router().cloned();
+        let router = self.router.clone();
         b.socket_addr_check(move |addr, usage| {
             // Service ClusterIPs are in-cluster: the node's proxy listens there.
             let ok = socket_allowed(ip, &egress, addr, usage)
@@ -293,13 +303,10 @@ impl PodSandbox {
                 Arc::downgrade(self),
                 self.ip,
                 self.namespace().to_string(),
-                self.runtime.router().cloned(),
+                self.router.clone(),
             ),
             pod_ip: self.ip,
-            services: self
-                .runtime
-                .router()
-                .map(|r| r.name_lookup(self.namespace())),
+            services: self.service_lookup.clone(),
         };
         let mut store = Store::new(self.runtime.engine(), state);
         store.limiter(|s| &mut s.limiter);
