@@ -48,26 +48,26 @@ echo "GET http://$IP:8080/ -> $(curl -s "http://$IP:8080/")"
 NODE_IP=$("$WASMCTL_BIN" get node node-1 -o json 2>/dev/null |
   sed -n 's/.*"address": *"\([0-9.]*\)".*/\1/p' | head -n 1) || true
 SHOP="http://${NODE_IP:-127.0.0.1}:30081"
+CHECKOUT_URL="$SHOP/api/checkout?token=alice-token&items=p1:2,p2:1"
 SHOP_UP=""
 deadline=$((SECONDS + 90))
 while [ "$SECONDS" -lt "$deadline" ]; do
-  # 200 only once the front end reached the catalog through its Service.
-  if curl -sf -m 5 -o /dev/null "$SHOP/"; then SHOP_UP=1; break; fi
+  # 200 only once the front end reached auth, cart and (through cart) catalog by name.
+  if curl -sf -m 5 -o /dev/null "$CHECKOUT_URL"; then SHOP_UP=1; break; fi
   sleep 0.5
 done
 "$WASMCTL_BIN" get nodes,pods -A -o wide
-CHECKOUT_URL="$SHOP/api/checkout?token=alice-token&items=p1:2,p2:1"
-if [ -n "$SHOP_UP" ]; then
-  echo "GET $CHECKOUT_URL -> $(curl -s -m 10 "$CHECKOUT_URL")"
-else
+if [ -z "$SHOP_UP" ]; then
   cat >&2 <<MSG
 
-warning: the shop did not answer 200 on $SHOP/ within 90 s. The cluster is up; the shop
-needs the node agent's Service proxy (NodePort 30081, and the services calling each other by
-name). Look at: $WASMCTL_BIN get pods,svc,endpoints -n shop -o wide
-            $WASMCTL_BIN logs -n shop POD      (errors calling other services are logged)
+error: the shop did not answer a checkout on $SHOP within 90 s. Look at:
+  $WASMCTL_BIN get pods,svc,endpoints -n shop -o wide
+  $WASMCTL_BIN logs -n shop POD      (errors calling other services are logged)
+  $LOG
 MSG
+  exit 1
 fi
+echo "GET $CHECKOUT_URL -> $(curl -s -m 10 "$CHECKOUT_URL")"
 cat <<MSG
 
 wasmctl is running (pid $(cat "$DATA_DIR/wasmctl.pid" 2>/dev/null || echo '?'), log $LOG).
