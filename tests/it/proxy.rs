@@ -111,30 +111,13 @@ async fn spread(http: &reqwest::Client, url: &str, n: usize) -> BTreeMap<String,
 async fn nodeport_spreads_over_both_nodes_and_survives_a_lost_node() {
     let dir = tempfile::tempdir().unwrap();
     // Its own ClusterIP range: agents of parallel tests bind ClusterIPs with SO_REUSEPORT.
-    let range = format!("127.97.{}.0/24", next_node_octet());
-    let server = ServerProc::start(
-        &dir.path().join("server"),
-        &[
-            "--node-monitor-grace-period",
-            "3s",
-            "--service-cluster-ip-range",
-            &range,
-        ],
+    let (server, mut agents) = service_cluster(
+        dir.path(),
+        &["node-a", "node-b"],
+        &["--node-monitor-grace-period", "3s"],
+        &["--lease-renew", "1s", "--backoff-base", "1s"],
     )
     .await;
-    let mut agents = Vec::new();
-    for name in ["node-a", "node-b"] {
-        let ip = format!("127.250.0.{}", next_node_octet());
-        let args = [
-            "--lease-renew",
-            "1s",
-            "--backoff-base",
-            "1s",
-            "--node-ip",
-            &ip,
-        ];
-        agents.push(AgentProc::start(&server, name, &dir.path().join(name), &args).await);
-    }
     let out = server.wasmctl(&["push", wasi_app("hello").to_str().unwrap(), "hello:v1"]);
     assert!(out.status.success(), "push: {}", stderr(&out));
     let out = server.wasmctl_stdin(&["apply", "-f", "-"], Some(APP));
@@ -336,18 +319,13 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_call_services_by_name_over_http_and_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    let range = format!("127.97.{}.0/24", next_node_octet());
-    let server = ServerProc::start(
-        &dir.path().join("server"),
-        &["--service-cluster-ip-range", &range],
+    let (server, agents) = service_cluster(
+        dir.path(),
+        &["node-a", "node-b"],
+        &[],
+        &["--backoff-base", "1s"],
     )
     .await;
-    let mut agents = Vec::new();
-    for name in ["node-a", "node-b"] {
-        let ip = format!("127.250.0.{}", next_node_octet());
-        let args = ["--backoff-base", "1s", "--node-ip", &ip];
-        agents.push(AgentProc::start(&server, name, &dir.path().join(name), &args).await);
-    }
     for app in ["hello", "echo", "frontend"] {
         let out = server.wasmctl(&[
             "push",
@@ -410,18 +388,13 @@ async fn rollout_scale_down_and_pod_deletion_under_load_fail_no_request() {
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
-    let range = format!("127.97.{}.0/24", next_node_octet());
-    let server = ServerProc::start(
-        &dir.path().join("server"),
-        &["--service-cluster-ip-range", &range],
+    let (server, agents) = service_cluster(
+        dir.path(),
+        &["node-a", "node-b"],
+        &[],
+        &["--backoff-base", "1s"],
     )
     .await;
-    let mut agents = Vec::new();
-    for name in ["node-a", "node-b"] {
-        let ip = format!("127.250.0.{}", next_node_octet());
-        let args = ["--backoff-base", "1s", "--node-ip", &ip];
-        agents.push(AgentProc::start(&server, name, &dir.path().join(name), &args).await);
-    }
     let out = server.wasmctl(&["push", wasi_app("hello").to_str().unwrap(), "hello:v1"]);
     assert!(out.status.success(), "push: {}", stderr(&out));
     let apply = |yaml: &str| {

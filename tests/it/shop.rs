@@ -11,18 +11,13 @@ use crate::support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_answers_on_either_nodes_nodeport_and_services_call_each_other_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let range = format!("127.97.{}.0/24", next_node_octet());
-    let server = ServerProc::start(
-        &dir.path().join("server"),
-        &["--service-cluster-ip-range", &range],
+    let (server, agents) = service_cluster(
+        dir.path(),
+        &["node-a", "node-b"],
+        &[],
+        &["--lease-renew", "1s"],
     )
     .await;
-    let mut agents = Vec::new();
-    for name in ["node-a", "node-b"] {
-        let ip = format!("127.250.0.{}", next_node_octet());
-        let args = ["--lease-renew", "1s", "--node-ip", &ip];
-        agents.push(AgentProc::start(&server, name, &dir.path().join(name), &args).await);
-    }
     for (app, tag) in [
         ("shop_frontend", "shop-frontend:v1"),
         ("catalog", "catalog:v1"),

@@ -444,3 +444,26 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     let code = r.status().as_u16();
     Some((code, r.text().await.unwrap_or_default()))
 }
+
+/// A server with a ClusterIP range of its own and agents each on a node IP of its own
+/// (127.250.0.x), so that the NodePorts and ClusterIPs of tests running in parallel on this
+/// host never collide.
+pub async fn service_cluster(
+    dir: &Path,
+    agents: &[&str],
+    server_extra: &[&str],
+    agent_extra: &[&str],
+) -> (ServerProc, Vec<AgentProc>) {
+    let range = format!("127.97.{}.0/24", next_node_octet());
+    let mut args = vec!["--service-cluster-ip-range", range.as_str()];
+    args.extend_from_slice(server_extra);
+    let server = ServerProc::start(&dir.join("server"), &args).await;
+    let mut started = Vec::new();
+    for name in agents {
+        let ip = format!("127.250.0.{}", next_node_octet());
+        let mut args = vec!["--node-ip", ip.as_str()];
+        args.extend_from_slice(agent_extra);
+        started.push(AgentProc::start(&server, name, &dir.join(name), &args).await);
+    }
+    (server, started)
+}
