@@ -306,9 +306,18 @@ pub fn plan(
         } else {
             rolled = rollout_rolling(&mut sets, replicas, surge, unavailable);
         }
+        let want_desired = replicas.to_string();
+        let want_max = (replicas + surge).to_string();
         for i in 0..sets.all.len() {
             let rs = &sets.all[i];
-            if sets.replicas[i] != spec_replicas(rs) {
+            // A resize stamps the new size on every active set, even one whose share rounded
+            // to zero: otherwise its stale desired-replicas would keep this a "scaling event"
+            // forever and the rollout would never resume (Kubernetes does the same).
+            let stale = (paused || scaling_event)
+                && sets.replicas[i] > 0
+                && (rs.metadata.annotations.get(DESIRED_REPLICAS) != Some(&want_desired)
+                    || rs.metadata.annotations.get(MAX_REPLICAS) != Some(&want_max));
+            if sets.replicas[i] != spec_replicas(rs) || stale {
                 let mut ann = rs.metadata.annotations.clone();
                 ann.insert(DESIRED_REPLICAS.into(), replicas.to_string());
                 ann.insert(MAX_REPLICAS.into(), (replicas + surge).to_string());
@@ -823,10 +832,14 @@ impl Reconciler for DeploymentController {
         let owned = self.claim_replica_sets(&d, ns).await?;
         let old_pods_running = self.old_pods_running(&d, &owned);
         let p = plan(&d, &owned, old_pods_running, Utc::now());
+        let mut status = p.status.clone();
         for a in &p.actions {
-            self.apply(&d, ns, a).await?;
+            if self.apply(&d, ns, a).await? {
+                status.collision_count = Some(status.collision_count.unwrap_or(0) + 1);
+                break;
+            }
         }
-        let status = serde_json::to_value(&p.status).expect("status serialises");
+        let status = serde_json::to_value(&status).expect("status serialises");
         let current =
             serde_json::to_value(d.status.clone().unwrap_or_default()).expect("status serialises");
         if status != current {
@@ -930,7 +943,9 @@ impl DeploymentController {
             })
     }
 
-    async fn apply(&self, d: &Deployment, ns: &str, a: &Action) -> Result<(), ApiError> {
+    /// Applies one action; `Ok(true)` when a ReplicaSet could not be created because a
+    /// different one has its name (a hash collision).
+    async fn apply(&self, d: &Deployment, ns: &str, a: &Action) -> Result<bool, ApiError> {
         let ctx = &self.ctx;
         match a {
             Action::CreateReplicaSet(rs) => {
@@ -939,7 +954,24 @@ impl DeploymentController {
                 body["apiVersion"] = json!("apps/v1");
                 body["kind"] = json!("ReplicaSet");
                 match ctx.create(replicasets(), ns, body).await {
-                    Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+                    Ok(_) => {}
+                    Err(ApiError::AlreadyExists { .. }) => {
+                        // Ours (created by an earlier reconcile) is fine; anything else under
+                        // that name is a hash collision: count it, the next hash differs.
+                        let existing = ctx
+                            .objects
+                            .get(replicasets(), Some(ns), &rs.metadata.name)
+                            .await?;
+                        let theirs: ReplicaSet = serde_json::from_value(existing).map_err(|e| {
+                            ApiError::Internal(format!("decoding a ReplicaSet: {e}"))
+                        })?;
+                        let ours = theirs.metadata.controller().map(|o| o.uid.as_str())
+                            == d.metadata.uid.as_deref()
+                            && equal_ignore_hash(&theirs.spec.template, &d.spec.template);
+                        if !ours {
+                            return Ok(true);
+                        }
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -951,7 +983,10 @@ impl DeploymentController {
                 ctx.update(replicasets(), Some(ns), name, |cur| {
                     let mut next = cur.clone();
                     next["spec"]["replicas"] = json!(replicas);
-                    next["metadata"]["annotations"] = json!(annotations);
+                    // Only the keys the controller sets: others' annotations stay.
+                    for (k, v) in annotations {
+                        next["metadata"]["annotations"][k] = json!(v);
+                    }
                     Ok(next)
                 })
                 .await?;
@@ -971,7 +1006,7 @@ impl DeploymentController {
                 .await?;
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -1251,6 +1286,39 @@ mod tests {
         assert!(
             of(&old.metadata.name) > 8 && of(&new.metadata.name) > 5,
             "{s:?}"
+        );
+    }
+
+    #[test]
+    fn a_resize_whose_share_rounds_to_zero_still_updates_every_active_set() {
+        // v1 at 3 and v2 at 1 mid-rollout (both annotated for 3 replicas, max 4); scaled to
+        // 4: the one replica to add goes to v1, v2's share rounds to 0. v2 must still get
+        // desired-replicas 4, or every later sync would see a "scaling event" and the rollout
+        // would never resume.
+        let d3 = deployment(3, "v2");
+        let old = rs_for(&d3, "v1", 1, 3, 3, 0);
+        let new = rs_for(&d3, "v2", 2, 1, 0, 10);
+        let d4 = deployment(4, "v2");
+        let p = plan(&d4, &[old.clone(), new.clone()], false, t(20));
+        let desired: BTreeMap<String, String> = p
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ScaleReplicaSet {
+                    name, annotations, ..
+                } => Some((name.clone(), annotations[DESIRED_REPLICAS].clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            desired.get(&new.metadata.name).map(String::as_str),
+            Some("4"),
+            "{p:?}"
+        );
+        assert_eq!(
+            desired.get(&old.metadata.name).map(String::as_str),
+            Some("4"),
+            "{p:?}"
         );
     }
 
