@@ -11,6 +11,7 @@ pub mod node;
 pub mod oci;
 pub mod pods;
 pub mod proxy;
+pub mod reflector;
 pub mod runtime;
 pub mod server;
 pub mod services;
@@ -23,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use wasmctl_api::core::Pod;
@@ -319,77 +319,46 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
     let sel: String = url::form_urlencoded::byte_serialize(selector.as_bytes()).collect();
     let mut workers: HashMap<String, WorkerEntry> = HashMap::new();
     let mut tasks: tokio::task::JoinSet<String> = tokio::task::JoinSet::new();
-    let mut backoff = Duration::from_millis(200);
-    'outer: while !shutdown.is_cancelled() {
-        let list = match ctx
-            .api
-            .get(&format!("/api/v1/pods?fieldSelector={sel}"))
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing this node's pods failed; retrying");
-                if !back_off(&mut backoff, &shutdown).await {
-                    break;
-                }
-                continue;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(reflector::reflect(
+        ctx.api.clone(),
+        format!("/api/v1/pods?fieldSelector={sel}"),
+        tx,
+        Some,
+        shutdown.clone(),
+    ));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(uid) = done { workers.remove(&uid); }
             }
-        };
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap_or("0")
-            .to_string();
-        let mut seen = std::collections::HashSet::new();
-        for item in list["items"].as_array().cloned().unwrap_or_default() {
-            if let Ok(pod) = serde_json::from_value::<Pod>(item) {
-                seen.insert(pod.metadata.uid.clone().unwrap_or_default());
-                dispatch(&ctx, &mut workers, &mut tasks, pod, &shutdown).await;
-            }
-        }
-        for (uid, w) in workers.iter() {
-            if !seen.contains(uid) {
-                let _ = w.tx.send(None);
-            }
-        }
-        let path = format!(
-            "/api/v1/pods?watch=1&fieldSelector={sel}&resourceVersion={rv}&allowWatchBookmarks=true"
-        );
-        let mut stream = match ctx.api.watch(&path, None).await {
-            Ok(s) => {
-                backoff = Duration::from_millis(200);
-                s
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "watching this node's pods failed; relisting");
-                if !back_off(&mut backoff, &shutdown).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Ok(uid) = done { workers.remove(&uid); }
-                }
-                ev = stream.next() => {
-                    let Some(Ok(ev)) = ev else { continue 'outer };
-                    match ev["type"].as_str() {
-                        Some("ADDED" | "MODIFIED") => {
-                            if let Ok(pod) = serde_json::from_value::<Pod>(ev["object"].clone()) {
-                                dispatch(&ctx, &mut workers, &mut tasks, pod, &shutdown).await;
-                            }
+            ev = rx.recv() => match ev {
+                None => break,
+                Some(reflector::Event::Reset(items)) => {
+                    let mut seen = std::collections::HashSet::new();
+                    for item in items {
+                        if let Ok(pod) = serde_json::from_value::<Pod>(item) {
+                            seen.insert(pod.metadata.uid.clone().unwrap_or_default());
+                            dispatch(&ctx, &mut workers, &mut tasks, pod, &shutdown).await;
                         }
-                        Some("DELETED") => {
-                            let uid = ev["object"]["metadata"]["uid"].as_str().unwrap_or_default();
-                            if let Some(w) = workers.get(uid) { let _ = w.tx.send(None); }
+                    }
+                    for (uid, w) in workers.iter() {
+                        if !seen.contains(uid) {
+                            let _ = w.tx.send(None);
                         }
-                        Some("BOOKMARK") => {}
-                        _ => continue 'outer,
                     }
                 }
-            }
+                Some(reflector::Event::Upsert(obj)) => {
+                    if let Ok(pod) = serde_json::from_value::<Pod>(obj) {
+                        dispatch(&ctx, &mut workers, &mut tasks, pod, &shutdown).await;
+                    }
+                }
+                Some(reflector::Event::Delete(obj)) => {
+                    let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
+                    if let Some(w) = workers.get(uid) { let _ = w.tx.send(None); }
+                }
+            },
         }
     }
     // Shutdown: workers see the cancelled token, stop their pods and return.

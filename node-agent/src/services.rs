@@ -16,12 +16,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use wasmctl_client::Client;
+
+use crate::reflector::{reflect, Event};
 
 /// The cluster domain of service names (`NAME.NS.svc.cluster.local`).
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
@@ -277,7 +278,19 @@ impl ServiceTable {
         let (tx, mut rx) = mpsc::channel::<Change>(1024);
         let mut tasks = tokio::task::JoinSet::new();
         for kind in [Kind::Services, Kind::Endpoints] {
-            tasks.spawn(reflect(api.clone(), kind, tx.clone(), shutdown.clone()));
+            let wrap = move |e| match e {
+                Event::Reset(items) => Some(Change::Reset(kind, items)),
+                Event::Upsert(obj) => Some(Change::Upsert(kind, obj)),
+                Event::Delete(obj) => key_of(&obj).map(|k| Change::Delete(kind, k)),
+            };
+            let path = kind.path().to_string();
+            tasks.spawn(reflect(
+                api.clone(),
+                path,
+                tx.clone(),
+                wrap,
+                shutdown.clone(),
+            ));
         }
         drop(tx);
         let mut state = State::default();
@@ -317,74 +330,6 @@ enum Change {
     Reset(Kind, Vec<Value>),
     Upsert(Kind, Value),
     Delete(Kind, ServiceKey),
-}
-
-/// One kind's list+watch loop (like the pod sync loop): list, watch from the list's
-/// resourceVersion, re-list on 410 Expired, a broken stream or an error (with back-off).
-async fn reflect(api: Client, kind: Kind, tx: mpsc::Sender<Change>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
-    'outer: while !shutdown.is_cancelled() {
-        let list = match api.get(kind.path()).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(kind = kind.path(), error = %e, "listing failed; retrying");
-                if !crate::back_off(&mut backoff, &shutdown).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap_or("0")
-            .to_string();
-        let items = match list["items"].as_array() {
-            Some(items) => items.clone(),
-            None => Vec::new(),
-        };
-        if tx.send(Change::Reset(kind, items)).await.is_err() {
-            return;
-        }
-        let path = format!(
-            "{}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true",
-            kind.path()
-        );
-        let mut stream = match api.watch(&path, None).await {
-            Ok(s) => {
-                backoff = Duration::from_millis(200);
-                s
-            }
-            Err(e) => {
-                tracing::warn!(kind = kind.path(), error = %e, "watch failed; relisting");
-                if !crate::back_off(&mut backoff, &shutdown).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        loop {
-            let ev = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                ev = stream.next() => ev,
-            };
-            let Some(Ok(mut ev)) = ev else {
-                continue 'outer;
-            };
-            let change = match ev["type"].as_str() {
-                Some("ADDED" | "MODIFIED") => Change::Upsert(kind, ev["object"].take()),
-                Some("DELETED") => match key_of(&ev["object"]) {
-                    Some(k) => Change::Delete(kind, k),
-                    None => continue,
-                },
-                Some("BOOKMARK") => continue,
-                // ERROR (410 Expired after a lagging watch) or anything unknown: re-list.
-                _ => continue 'outer,
-            };
-            if tx.send(change).await.is_err() {
-                return;
-            }
-        }
-    }
 }
 
 fn key_of(obj: &Value) -> Option<ServiceKey> {
