@@ -4,26 +4,20 @@
 # baseline; one cpu-hog limited to 200m; two unlimited cpu-hogs (one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
-command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
-cargo build --locked --bin wasmctl
-(cd wasi-apps && cargo build --locked --release --target wasm32-wasip2)
-APPS="$PWD/wasi-apps/target/wasm32-wasip2/release"
-WORK=$(mktemp -d)
-UP_PID=
-cleanup() { [ -z "$UP_PID" ] || { kill "$UP_PID"; wait "$UP_PID" 2>/dev/null || true; }; rm -rf "$WORK"; }
-trap cleanup EXIT
-"$WASMCTL_BIN" up --data-dir "$WORK" --listen 127.0.0.1:0 --name node-1 --kubelet-port 0 \
-  --pod-cidr 127.76.0.0/16 >"$WORK/up.out" 2>"$WORK/up.log" &
-UP_PID=$!
-for _ in $(seq 1 600); do grep -q "API server listening" "$WORK/up.out" 2>/dev/null && break; sleep 0.1; done
-W() { "$WASMCTL_BIN" --kubeconfig "$WORK/kubeconfig.yaml" "$@"; }
-W push "$APPS/hello.wasm" hello:v1 >/dev/null
-W push "$APPS/cpu-hog.wasm" cpu-hog:v1 >/dev/null
+. scripts/lib.sh
+need_tools wrk
+wasmctl_build --bin wasmctl
+apps_build
+bench_init
+up_start "$WORK" --pod-cidr 127.76.0.0/16
+up_wait
+wctl push "$APPS/hello.wasm" hello:v1 >/dev/null
+wctl push "$APPS/cpu-hog.wasm" cpu-hog:v1 >/dev/null
+pod_running() { case "$(wctl get pod "$1" -o json)" in *'"phase": "Running"'*) return 0 ;; esac; return 1; }
 pod() { # NAME IMAGE [CPU_LIMIT]
   local limits=""
   [ -z "${3:-}" ] || limits="resources: {limits: {cpu: $3}}"
-  W apply -f - >/dev/null <<YAML
+  wctl apply -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Pod
 metadata: {name: $1}
@@ -35,14 +29,10 @@ spec:
     ports: [{containerPort: 8080}]
     $limits
 YAML
-  for _ in $(seq 1 600); do
-    case "$(W get pod "$1" -o json)" in *'"phase": "Running"'*) return 0 ;; esac
-    sleep 0.05
-  done
-  echo "pod $1 did not start" >&2; exit 1
+  wait_for 120 pod_running "$1" || { echo "pod $1 did not start" >&2; exit 1; }
 }
 pod hello hello:v1
-IP=$(W get pod hello -o json | sed -n 's/.*"podIP": *"\([0-9.]*\)".*/\1/p')
+IP=$(pod_ip hello)
 measure() {
   wrk -t1 -c1 -d10s --latency "http://$IP:8080/" >"$WORK/wrk.txt"
   local rps p50 p99 max
@@ -58,7 +48,7 @@ echo "|---|---:|---:|---:|---:|"
 measure "none"
 pod hog-limited cpu-hog:v1 200m
 measure "1 cpu-hog, limits.cpu 200m"
-W delete pod hog-limited >/dev/null
+wctl delete pod hog-limited >/dev/null
 pod hog-a cpu-hog:v1
 pod hog-b cpu-hog:v1
 measure "2 cpu-hogs, no limit (one per core)"

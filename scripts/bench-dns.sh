@@ -11,54 +11,30 @@
 #   queries in flight, BENCH_THREADS (1) dnsperf threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
-need=()
-command -v dnsperf >/dev/null || need+=(dnsperf)
+. scripts/lib.sh
 # dnsmasq-base is the binary alone (the `dnsmasq` package also installs a system service).
-command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
-command -v dig >/dev/null || need+=(bind9-dnsutils)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+need_tools dnsperf dnsmasq=dnsmasq-base dig=bind9-dnsutils
 DNSMASQ=$(command -v dnsmasq || echo /usr/sbin/dnsmasq)
-cargo build --locked --bin wasmctl
+wasmctl_build --bin wasmctl
 N="${BENCH_SERVICES:-100}"; ROUNDS="${BENCH_ROUNDS:-3}"; SECONDS_PER_RUN="${BENCH_SECONDS:-10}"
 CLIENTS="${BENCH_CLIENTS:-8}"; OUTSTANDING="${BENCH_OUTSTANDING:-256}"; THREADS="${BENCH_THREADS:-1}"
 [ "$N" -le 250 ] || { echo "BENCH_SERVICES must be <= 250" >&2; exit 2; }
-WORK=$(mktemp -d)
-UP_PID=; MASQ_PID=
-cleanup() {
-  [ -z "$MASQ_PID" ] || kill "$MASQ_PID" 2>/dev/null || true
-  if [ -n "$UP_PID" ]; then
-    kill -INT "$UP_PID" 2>/dev/null || true
-    for _ in $(seq 1 600); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$UP_PID" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_init
 
-"$WASMCTL_BIN" up --data-dir "$WORK" --listen 127.0.0.1:0 --name node-1 --kubelet-port 0 \
-  --pod-cidr 127.79.0.0/16 --dns-listen 127.0.0.1:0 >"$WORK/up.out" 2>"$WORK/up.log" &
-UP_PID=$!
-for _ in $(seq 1 600); do
-  grep -q "cluster DNS listening on" "$WORK/up.out" 2>/dev/null && break
-  kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/up.log" >&2; exit 1; }
-  sleep 0.1
-done
-AGENT_DNS=$(sed -n 's/^cluster DNS listening on \([0-9.]*:[0-9]*\).*/\1/p' "$WORK/up.out")
+up_start "$WORK" --pod-cidr 127.79.0.0/16 --dns-listen 127.0.0.1:0
+up_wait "cluster DNS listening on"
+AGENT_DNS=$(sed -n 's/^cluster DNS listening on \([0-9.]*:[0-9]*\).*/\1/p' "$UP_OUT")
 AGENT_PORT=${AGENT_DNS##*:}
-W=("$WASMCTL_BIN" --kubeconfig "$WORK/kubeconfig.yaml")
 
 # N Services, one manifest.
 for i in $(seq 0 $((N - 1))); do
   printf -- '---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-%03d\nspec:\n  clusterIP: 127.96.1.%d\n  selector:\n    app: svc-%03d\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n' \
     "$i" $((i + 1)) "$i"
 done >"$WORK/services.yaml"
-"${W[@]}" apply -f "$WORK/services.yaml" >/dev/null
+wctl apply -f "$WORK/services.yaml" >/dev/null
 
 # The records as the API server has them (name, clusterIP) — dnsmasq gets the same.
-"${W[@]}" get services -n default -o json | python3 -c '
+wctl get services -n default -o json | python3 -c '
 import json, sys
 for s in json.load(sys.stdin)["items"]:
     if s["metadata"]["name"].startswith("svc-"):
@@ -76,6 +52,7 @@ while read -r name ip; do
 done <"$WORK/records.txt"
 "$DNSMASQ" "${MASQ_ARGS[@]}" >"$WORK/dnsmasq.log" 2>&1 &
 MASQ_PID=$!
+bg_track "$MASQ_PID"
 
 # Both answer the last Service the same way (the agent may still be catching up).
 last=$(tail -1 "$WORK/records.txt" | cut -d' ' -f1).default.svc.cluster.local
@@ -85,6 +62,7 @@ for _ in $(seq 1 100); do
   [ -n "$a" ] && [ "$a" = "$m" ] && break
   sleep 0.1
 done
+# shellcheck disable=SC2015 # the block runs when either test fails
 [ -n "$a" ] && [ "$a" = "$m" ] || { echo "agent ($a) and dnsmasq ($m) disagree on $last" >&2; cat "$WORK/dnsmasq.log" >&2; exit 1; }
 sa=$(dig @127.0.0.1 -p "$AGENT_PORT" +short "_http._tcp.$last" SRV)
 sm=$(dig @127.0.0.1 -p "$MASQ_PORT" +short "_http._tcp.$last" SRV)

@@ -10,61 +10,23 @@
 #   BENCH_WRK_ARGS (-t2 -c32 -d10s), BENCH_INSTANCE_SLOTS (2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
-command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null; }
-cargo build --locked --bin wasmctl --example podbench
-(cd wasi-apps && cargo build --locked --release --target wasm32-wasip2)
-HELLO="$PWD/wasi-apps/target/wasm32-wasip2/release/hello.wasm"
+. scripts/lib.sh
+need_tools wrk
+wasmctl_build --bin wasmctl --example podbench
+apps_build
+HELLO="$APPS/hello.wasm"
 PODBENCH="$CARGO_TARGET_DIR/debug/examples/podbench"
 N="${BENCH_PODS:-1000}"; BIG="${BENCH_PODS_BIG:-5000}"; CONC="${BENCH_CONCURRENCY:-16}"
 SLOTS="${BENCH_INSTANCE_SLOTS:-2000}"; WRK_ARGS="${BENCH_WRK_ARGS:--t2 -c32 -d10s}"
 ulimit -n "$(ulimit -Hn)"   # a listener per pod, plus the poller's connections
-WORK=$(mktemp -d)
-UP_PID=
-stop_up() {
-  [ -n "$UP_PID" ] || return 0
-  kill -INT "$UP_PID" 2>/dev/null || true
-  for _ in $(seq 1 600); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$UP_PID" 2>/dev/null || true
-  wait "$UP_PID" 2>/dev/null || true
-  UP_PID=
-}
-WT_PID=
-cleanup() { [ -z "$WT_PID" ] || kill "$WT_PID" 2>/dev/null || true; stop_up; if [ -n "${BENCH_KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
-trap cleanup EXIT
+bench_init
 
 # start_up NAME MAX_PODS: a fresh `wasmctl up` in $WORK/NAME (pods in 127.77.0.0/16, away
 # from the default CIDR other clusters on this machine use), hello pushed.
 start_up() {
-  local dir="$WORK/$1"
-  mkdir -p "$dir"
-  "$WASMCTL_BIN" up --data-dir "$dir" --listen 127.0.0.1:0 --name node-1 --kubelet-port 0 \
-    --max-pods "$2" --instance-slots "$SLOTS" --pod-cidr 127.77.0.0/16 \
-    >"$dir/up.out" 2>"$dir/up.log" &
-  UP_PID=$!
-  for _ in $(seq 1 600); do
-    grep -q "API server listening on" "$dir/up.out" 2>/dev/null && break
-    kill -0 "$UP_PID" 2>/dev/null || { cat "$dir/up.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  KUBECONFIG_PATH="$dir/kubeconfig.yaml"
-  "$WASMCTL_BIN" --kubeconfig "$KUBECONFIG_PATH" push "$HELLO" hello:v1 >/dev/null
-}
-
-# wrk_json SYSTEM URL IDLE_PODS WRK_OUTPUT: one JSON line from wrk's --latency report.
-wrk_json() {
-  python3 - "$@" "$WRK_ARGS" <<'PY'
-import json, re, sys
-system, url, pods, path, args = sys.argv[1:6]
-t = open(path).read()
-def grab(p):
-    m = re.search(p, t, re.M)
-    return m.group(1) if m else None
-print(json.dumps({"bench": "wrk", "system": system, "url": url, "idle_pods": int(pods),
-    "args": args, "req_per_s": grab(r"^Requests/sec:\s+(\S+)"), "p50": grab(r"^\s+50%\s+(\S+)"),
-    "p99": grab(r"^\s+99%\s+(\S+)"), "requests": grab(r"^\s+(\d+) requests in"),
-    "non_2xx": grab(r"Non-2xx or 3xx responses: (\d+)"), "socket_errors": grab(r"Socket errors: (.*)$")}))
-PY
+  up_start "$WORK/$1" --max-pods "$2" --instance-slots "$SLOTS" --pod-cidr 127.77.0.0/16
+  up_wait
+  wctl push "$HELLO" hello:v1 >/dev/null
 }
 
 echo "wasmctl: $("$WASMCTL_BIN" --version); wrk: $(wrk -v 2>&1 | head -1); $(nproc) cores"
@@ -74,12 +36,12 @@ OUT="$WORK/results.jsonl"
 SERIAL="${BENCH_PODS_SERIAL:-100}"
 if [ "$SERIAL" -gt 0 ]; then
   start_up run0 $((SERIAL + 10))
-  "$PODBENCH" "$KUBECONFIG_PATH" "$SERIAL" 1 "$UP_PID" | tee -a "$OUT"
-  stop_up
+  "$PODBENCH" "$UP_KUBECONFIG" "$SERIAL" 1 "$UP_PID" | tee -a "$OUT"
+  up_stop
 fi
 
 start_up run1 $((N + 10))
-"$PODBENCH" "$KUBECONFIG_PATH" "$N" "$CONC" "$UP_PID" | tee -a "$OUT"
+"$PODBENCH" "$UP_KUBECONFIG" "$N" "$CONC" "$UP_PID" | tee -a "$OUT"
 IP=$(python3 -c 'import json,sys
 for l in open(sys.argv[1]):
     d=json.loads(l)
@@ -88,26 +50,27 @@ if [ -n "$IP" ]; then
   # shellcheck disable=SC2086
   wrk $WRK_ARGS --latency "http://$IP:8080/" >"$WORK/wrk.txt"
   cat "$WORK/wrk.txt"
-  wrk_json wasmctl "http://$IP:8080/" "$N" "$WORK/wrk.txt" >>"$OUT"
+  wrk_json "$WORK/wrk.txt" bench=wrk system=wasmctl url="http://$IP:8080/" idle_pods:="$N" args="$WRK_ARGS" >>"$OUT"
   tail -1 "$OUT"
 fi
 if command -v wasmtime >/dev/null; then
   wasmtime serve -Scli --addr 127.0.0.1:18080 "$HELLO" >"$WORK/wasmtime.log" 2>&1 &
   WT_PID=$!
-  for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18080/ >/dev/null && break; sleep 0.1; done
+  bg_track "$WT_PID"
+  wait_for 10 curl -sf http://127.0.0.1:18080/ || true
   # shellcheck disable=SC2086
   wrk $WRK_ARGS --latency http://127.0.0.1:18080/ | tee "$WORK/wrk-wasmtime.txt"
-  kill "$WT_PID"; wait "$WT_PID" 2>/dev/null || true; WT_PID=
-  wrk_json "wasmtime serve" http://127.0.0.1:18080/ 0 "$WORK/wrk-wasmtime.txt" >>"$OUT"
+  bg_stop "$WT_PID"
+  wrk_json "$WORK/wrk-wasmtime.txt" bench=wrk "system=wasmtime serve" url=http://127.0.0.1:18080/ idle_pods:=0 args="$WRK_ARGS" >>"$OUT"
 else
   echo "wasmtime not installed: no 'wasmtime serve' baseline (cargo install wasmtime-cli --version 48.0.2 --locked)"
 fi
-stop_up
+up_stop
 
 if [ "$BIG" -gt 0 ]; then
   start_up run2 $((BIG + 10))
-  "$PODBENCH" "$KUBECONFIG_PATH" "$BIG" "$CONC" "$UP_PID" | tee -a "$OUT"
-  stop_up
+  "$PODBENCH" "$UP_KUBECONFIG" "$BIG" "$CONC" "$UP_PID" | tee -a "$OUT"
+  up_stop
 fi
 
 echo

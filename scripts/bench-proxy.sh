@@ -11,67 +11,25 @@
 #   BENCH_WRK_ARGS (-t2 -c32 -d10s), BENCH_ROUNDS (3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
-command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
-command -v haproxy >/dev/null || apt-get install -y -qq haproxy >/dev/null
-cargo build --locked --bin wasmctl
-(cd wasi-apps && cargo build --locked --release --target wasm32-wasip2)
-HELLO="$PWD/wasi-apps/target/wasm32-wasip2/release/hello.wasm"
+. scripts/lib.sh
+need_tools wrk haproxy
+wasmctl_build --bin wasmctl
+apps_build
+HELLO="$APPS/hello.wasm"
 WRK_ARGS="${BENCH_WRK_ARGS:--t2 -c32 -d10s}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 NODE_IP=127.251.0.1
 NODE_PORT=30090
 HAPROXY_PORT=30091
-WORK=$(mktemp -d)
-UP_PID=
-HA_PID=
-cleanup() {
-  [ -z "$HA_PID" ] || kill "$HA_PID" 2>/dev/null || true
-  if [ -n "$UP_PID" ]; then
-    kill -INT "$UP_PID" 2>/dev/null || true
-    for _ in $(seq 1 300); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$UP_PID" 2>/dev/null || true
-  fi
-  if [ -n "${BENCH_KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
+bench_init
 
-"$WASMCTL_BIN" up --data-dir "$WORK/up" --listen 127.0.0.1:0 --name node-1 --kubelet-port 0 \
-  --node-ip "$NODE_IP" --pod-cidr 127.78.0.0/16 --dns-listen "$NODE_IP:0" \
-  --service-cluster-ip-range 127.98.0.0/24 >"$WORK/up.out" 2>"$WORK/up.log" &
-UP_PID=$!
-for _ in $(seq 1 600); do
-  grep -q "API server listening on" "$WORK/up.out" 2>/dev/null && break
-  kill -0 "$UP_PID" 2>/dev/null || { cat "$WORK/up.log" >&2; exit 1; }
-  sleep 0.1
-done
-W=("$WASMCTL_BIN" --kubeconfig "$WORK/up/kubeconfig.yaml")
-"${W[@]}" push "$HELLO" hello:v1 >/dev/null
-"${W[@]}" apply -f - >/dev/null <<EOF
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  replicas: 1
-  selector:
-    matchLabels:
-      app: web
-  template:
-    metadata:
-      labels:
-        app: web
-    spec:
-      containers:
-      - name: hello
-        image: hello:v1
-        ports:
-        - containerPort: 8080
-        readinessProbe:
-          httpGet:
-            path: /
-            port: 8080
-          periodSeconds: 1
+up_start "$WORK/up" --node-ip "$NODE_IP" --pod-cidr 127.78.0.0/16 --dns-listen "$NODE_IP:0" \
+  --service-cluster-ip-range 127.98.0.0/24
+up_wait
+wctl push "$HELLO" hello:v1 >/dev/null
+{
+  hello_deployment 1 v1
+  cat <<EOF
 ---
 apiVersion: v1
 kind: Service
@@ -87,13 +45,15 @@ spec:
     targetPort: 8080
     nodePort: $NODE_PORT
 EOF
+} | wctl apply -f - >/dev/null
 POD_IP=
-for _ in $(seq 1 600); do
-  POD_IP=$("${W[@]}" get endpoints web -o json 2>/dev/null \
+# The Service's endpoint (the pod IP), once the NodePort answers through it.
+endpoint_ready() {
+  POD_IP=$(wctl get endpoints web -o json 2>/dev/null \
     | python3 -c 'import json,sys; e=json.load(sys.stdin); print(e["subsets"][0]["addresses"][0]["ip"])' 2>/dev/null || true)
-  [ -n "$POD_IP" ] && curl -fsS "http://$NODE_IP:$NODE_PORT/" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+  [ -n "$POD_IP" ] && curl -fsS "http://$NODE_IP:$NODE_PORT/"
+}
+wait_for 120 endpoint_ready || true
 [ -n "$POD_IP" ] || { echo "the service never got an endpoint" >&2; exit 1; }
 
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -115,8 +75,8 @@ backend pods
   server pod1 $POD_IP:8080
 EOF
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
-HA_PID=$!
-for _ in $(seq 1 100); do curl -fsS "http://$NODE_IP:$HAPROXY_PORT/" >/dev/null 2>&1 && break; sleep 0.1; done
+bg_track $!
+wait_for 10 curl -fsS "http://$NODE_IP:$HAPROXY_PORT/" || true
 
 echo "wasmctl: $("$WASMCTL_BIN" --version); $(haproxy -v | head -1); wrk: $(wrk -v 2>&1 | head -1); $(nproc) cores; wrk $WRK_ARGS"
 OUT="$WORK/results.jsonl"
@@ -125,18 +85,7 @@ run() {
   local system=$1 url=$2 round=$3
   # shellcheck disable=SC2086
   wrk $WRK_ARGS --latency "$url" >"$WORK/$system.wrk"
-  python3 - "$system" "$url" "$WORK/$system.wrk" "$WRK_ARGS" "$round" <<'PY' | tee -a "$OUT"
-import json, re, sys
-system, url, path, args, rnd = sys.argv[1:6]
-t = open(path).read()
-def grab(p):
-    m = re.search(p, t, re.M)
-    return m.group(1) if m else None
-print(json.dumps({"bench": "proxy", "system": system, "round": int(rnd), "url": url, "args": args,
-    "req_per_s": grab(r"^Requests/sec:\s+(\S+)"), "p50": grab(r"^\s+50%\s+(\S+)"),
-    "p99": grab(r"^\s+99%\s+(\S+)"), "requests": grab(r"^\s+(\d+) requests in"),
-    "non_2xx": grab(r"Non-2xx or 3xx responses: (\d+)"), "socket_errors": grab(r"Socket errors: (.*)$")}))
-PY
+  wrk_json "$WORK/$system.wrk" bench=proxy system="$system" round:="$round" url="$url" args="$WRK_ARGS" | tee -a "$OUT"
 }
 for round in $(seq 1 "$ROUNDS"); do
   run direct "http://$POD_IP:8080/" "$round"

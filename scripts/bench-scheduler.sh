@@ -8,8 +8,8 @@
 #   BENCH_NODES (1000), BENCH_PODS (10000), BENCH_PODS_BIND_EACH (10000; 0 skips)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
-cargo build --locked --example schedbench
+. scripts/lib.sh
+wasmctl_build --example schedbench
 SCHEDBENCH="$CARGO_TARGET_DIR/debug/examples/schedbench"
 NODES="${BENCH_NODES:-1000}"; PODS="${BENCH_PODS:-10000}"; EACH="${BENCH_PODS_BIND_EACH:-10000}"
 OUT=$(mktemp)

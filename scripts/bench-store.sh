@@ -4,30 +4,26 @@
 # same load generator, 1 and 64 concurrent clients, ~1 KB objects; then linearizable reads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
-command -v etcd >/dev/null || { apt-get install -y -qq etcd-server >/dev/null; }
-cargo build --locked --bin wasmctl --example loadgen
+. scripts/lib.sh
+need_tools etcd=etcd-server
+wasmctl_build --bin wasmctl --example loadgen
 LOADGEN="$CARGO_TARGET_DIR/debug/examples/loadgen"
-WORK=$(mktemp -d)
-cleanup() { kill "${ETCD_PID:-}" "${WASMCTL_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+bench_init
 
 etcd --data-dir "$WORK/etcd" --listen-client-urls http://127.0.0.1:23790 \
   --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23800 \
   --log-level error >"$WORK/etcd.log" 2>&1 &
-ETCD_PID=$!
-"$WASMCTL_BIN" server --data-dir "$WORK/wasmctl" --listen 127.0.0.1:0 >"$WORK/wasmctl.out" 2>"$WORK/wasmctl.log" &
-WASMCTL_PID=$!
-for _ in $(seq 1 300); do
-  curl -sf http://127.0.0.1:23790/health >/dev/null 2>&1 && [ -s "$WORK/wasmctl/kubeconfig.yaml" ] \
-    && "$WASMCTL_BIN" --kubeconfig "$WORK/wasmctl/kubeconfig.yaml" version >/dev/null 2>&1 && break
-  sleep 0.1
-done
+bg_track $!
+server_start "$WORK/wasmctl"
+wait_for 30 curl -sf http://127.0.0.1:23790/health \
+  || { echo "etcd did not answer on 127.0.0.1:23790" >&2; cat "$WORK/etcd.log" >&2; exit 1; }
+up_wait
 echo "etcd: $(etcd --version | head -1); wasmctl: $("$WASMCTL_BIN" --version)"
 for spec in "1 ${BENCH_REQ_1:-2000}" "64 ${BENCH_REQ_64:-20000}"; do
+  # shellcheck disable=SC2086 # "CLIENTS REQUESTS", split on purpose
   set -- $spec
   E=$("$LOADGEN" etcd http://127.0.0.1:23790 "$1" "$2")
-  W=$("$LOADGEN" wasmctl "$WORK/wasmctl/kubeconfig.yaml" "$1" "$2")
+  W=$("$LOADGEN" wasmctl "$UP_KUBECONFIG" "$1" "$2")
   echo "$E"; echo "$W"
   python3 - "$E" "$W" <<'PY'
 import sys

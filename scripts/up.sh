@@ -6,14 +6,11 @@
 # and waits until its front end answers on the node's NodePort 30081.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup-deps.sh
-. scripts/env.sh
-cargo build --locked --bin wasmctl
+. scripts/lib.sh
+wasmctl_build --bin wasmctl
 # The guests build into the clone's wasi-apps/target (not the shared CARGO_TARGET_DIR), like
 # the integration tests: cargo re-links release/NAME.wasm only when it rebuilds.
-APPS_TARGET="$PWD/wasi-apps/target"
-(cd wasi-apps && CARGO_TARGET_DIR="$APPS_TARGET" cargo build --locked --release --target wasm32-wasip2)
-APPS="$APPS_TARGET/wasm32-wasip2/release"
+apps_build
 
 DATA_DIR="${WASMCTL_DATA_DIR:-$HOME/.wasmctl}"
 mkdir -p "$DATA_DIR"
@@ -22,20 +19,14 @@ export KUBECONFIG="$DATA_DIR/kubeconfig.yaml"
 if ! "$WASMCTL_BIN" version >/dev/null 2>&1; then
   nohup "$WASMCTL_BIN" up --data-dir "$DATA_DIR" --name node-1 >"$LOG" 2>&1 &
   echo $! >"$DATA_DIR/wasmctl.pid"
-  for _ in $(seq 1 600); do
-    "$WASMCTL_BIN" version >/dev/null 2>&1 && break
-    sleep 0.1
-  done
+  wait_for 60 "$WASMCTL_BIN" version || true
 fi
 "$WASMCTL_BIN" version
 "$WASMCTL_BIN" push "$APPS/hello.wasm" hello:v1
 "$WASMCTL_BIN" apply -f manifests/demo-pod.yaml
 IP=""
-for _ in $(seq 1 600); do
-  IP=$("$WASMCTL_BIN" get pod hello -o json | sed -n 's/.*"podIP": *"\([0-9.]*\)".*/\1/p')
-  [ -n "$IP" ] && curl -sf "http://$IP:8080/" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+hello_answers() { IP=$(pod_ip hello); [ -n "$IP" ] && curl -sf "http://$IP:8080/"; }
+wait_for 120 hello_answers || true
 echo "GET http://$IP:8080/ -> $(curl -s "http://$IP:8080/")"
 
 # The shop: push its four modules, apply it, wait (bounded) for the front end's NodePort.

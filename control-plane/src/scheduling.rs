@@ -8,6 +8,11 @@
 //!   still unbound and not being deleted), so it is safe against a concurrent
 //!   `pods/{name}/binding`, update or delete; a lost race is retried in the next pass, which
 //!   the pod's change triggers anyway;
+//! - a binding names only a Node of the pass's own listing, read from the store just before
+//!   the decisions. A Node deleted after that read can still receive the pods of the batch in
+//!   flight: the store's writes take preconditions on their own key only (no guard on another
+//!   key), so that small race is accepted, as in Kubernetes, and PodGC
+//!   ([`crate::controllers::podgc`]) deletes such pods after its quarantine;
 //! - a pod that fits nowhere gets `PodScheduled=False` (`Unschedulable`, kube-scheduler's
 //!   message) and, once that is written, a `FailedScheduling` Warning Event; both only when the
 //!   message changed, so an unschedulable pod costs one write and one event per distinct
@@ -54,9 +59,17 @@ fn kinds() -> (&'static ResourceInfo, &'static ResourceInfo) {
     )
 }
 
-/// Sets `spec.nodeName` if the pod is still unbound (409 Conflict otherwise).
+/// Sets `spec.nodeName` if the pod is still unbound (409 Conflict otherwise) and the Node
+/// exists (404 `nodes "x" not found` otherwise: a pod bound to a missing node would never
+/// run). The Node is read (linearizably) before the pod is written; one deleted in between
+/// leaves an orphan for PodGC, as a binding of the scheduler's batches can.
 pub async fn bind(objects: &Objects, ns: &str, name: &str, node: &str) -> Result<Value, ApiError> {
-    let (pods, _) = kinds();
+    let (pods, nodes) = kinds();
+    let node_exists = match objects.get(nodes, None, node).await {
+        Ok(_) => true,
+        Err(ApiError::NotFound { .. }) => false,
+        Err(e) => return Err(e),
+    };
     objects
         .guaranteed_update(pods, Some(ns), name, None, |current| {
             if current["metadata"]["deletionTimestamp"].is_string() {
@@ -71,6 +84,10 @@ pub async fn bind(objects: &Objects, ns: &str, name: &str, node: &str) -> Result
                     name,
                     format!("pod {name} is already assigned to node \"{bound}\""),
                 ));
+            }
+            // After the pod's own checks, so that a bound pod still answers 409.
+            if !node_exists {
+                return Err(ApiError::not_found(nodes, node));
             }
             let mut next = current.clone();
             next["spec"]["nodeName"] = json!(node);
@@ -598,6 +615,42 @@ mod tests {
             "{results:?}"
         );
         assert!(results[1].is_ok(), "{results:?}");
+
+        store.shutdown().await.expect("store closes");
+    }
+
+    #[tokio::test]
+    async fn bind_refuses_a_node_that_does_not_exist() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (store, objects) = open(dir.path()).await;
+        create(
+            &objects,
+            "nodes",
+            None,
+            json!({"metadata": {"name": "node-a"}}),
+        )
+        .await;
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "c", "image": "hello:v1"}]}});
+        create(&objects, "pods", Some("default"), pod).await;
+
+        let err = bind(&objects, "default", "p", "gone").await.unwrap_err();
+        assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "nodes \"gone\" not found");
+        assert_eq!(err.code(), 404);
+        let p = &list(&objects, "pods").await[0];
+        assert!(p["spec"].get("nodeName").is_none(), "{p}");
+
+        let bound = bind(&objects, "default", "p", "node-a")
+            .await
+            .expect("bound");
+        assert_eq!(bound["spec"]["nodeName"], "node-a");
+        // A bound pod is a conflict first, whatever the node.
+        let err = bind(&objects, "default", "p", "gone").await.unwrap_err();
+        assert!(matches!(err, ApiError::Conflict { .. }), "{err:?}");
+        // A missing pod is the pod's 404.
+        let err = bind(&objects, "default", "nope", "node-a").await;
+        assert_eq!(err.unwrap_err().to_string(), "pods \"nope\" not found");
 
         store.shutdown().await.expect("store closes");
     }

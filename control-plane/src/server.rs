@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wasmctl_store::{Store, StoreConfig};
 
-use crate::apiserver::{self, ApiConfig, ApiState};
+use crate::apiserver::{self, ApiConfig, ApiState, ConnTimeouts};
 use crate::modules::ModuleRegistry;
 use crate::objects::Objects;
 use crate::pki;
@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub bookmark_interval: Duration,
     pub max_connections: usize,
     pub max_watches: usize,
+    /// The API connections' deadlines (TLS handshake, request header, idle, write stall).
+    pub api_timeouts: ConnTimeouts,
     /// Extra names for the serving certificate.
     pub tls_sans: Vec<String>,
     pub fsync: bool,
@@ -47,6 +49,7 @@ impl ServerConfig {
             bookmark_interval: Duration::from_secs(60),
             max_connections: 1024,
             max_watches: 2048,
+            api_timeouts: ConnTimeouts::default(),
             tls_sans: Vec::new(),
             fsync: true,
             snapshot_logs: 10_000,
@@ -98,6 +101,7 @@ impl Server {
         api.bookmark_interval = cfg.bookmark_interval;
         api.max_connections = cfg.max_connections;
         api.max_watches = cfg.max_watches;
+        api.timeouts = cfg.api_timeouts;
         let modules = Arc::new(
             ModuleRegistry::open(cfg.data_dir.join("modules")).with_context(|| {
                 format!("opening the module registry in {}", cfg.data_dir.display())

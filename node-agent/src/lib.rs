@@ -7,6 +7,7 @@
 
 pub mod dns;
 pub mod images;
+pub mod net;
 pub mod node;
 pub mod oci;
 pub mod pods;
@@ -90,6 +91,7 @@ impl AgentConfig {
                 max_connections: 1024,
                 request_timeout: Duration::from_secs(60),
                 max_instance_memory: 1 << 30,
+                max_sockets: runtime::reach::DEFAULT_MAX_SOCKETS_PER_POD,
             },
             proxy_max_connections: 4096,
             dns: dns::DnsConfig::default(),
@@ -156,7 +158,7 @@ pub struct AgentCtx {
     pub ips: Mutex<IpAllocator>,
     pub pods_dir: PathBuf,
     /// The agent's bearer token: the API server presents it when it proxies log requests.
-    pub token: Option<String>,
+    pub token: String,
     /// When this agent process started (the node conditions' transition time).
     pub started: wasmctl_api::Time,
     /// HTTP client of the probes.
@@ -186,6 +188,12 @@ impl Agent {
         cfg: AgentConfig,
         kubeconfig: &wasmctl_client::Kubeconfig,
     ) -> anyhow::Result<Agent> {
+        check_pod_cidr(cfg.pod_cidr, cfg.node_ip)?;
+        if kubeconfig.token.is_none() {
+            anyhow::bail!(
+                "the kubeconfig has no bearer token: the agent endpoint (pod logs) authenticates the API server with it and never runs open"
+            );
+        }
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         raise_fd_limit(cfg.max_pods);
@@ -194,6 +202,7 @@ impl Agent {
             cache_dir: cfg.data_dir.join("compiled"),
             instance_slots: cfg.instance_slots,
             max_instance_memory: cfg.sandbox.max_instance_memory,
+            node_ips: host_addresses(cfg.node_ip),
         })
         .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e:#}"))?;
         let images = images::ImageStore::new(
@@ -228,11 +237,12 @@ impl Agent {
             images,
             logs,
             pods_dir,
-            token: kubeconfig.token.clone(),
+            token: kubeconfig.token.clone().unwrap_or_default(),
             started: wasmctl_api::Time::now(),
             probes: reqwest::Client::builder()
                 .no_proxy()
                 .pool_max_idle_per_host(0)
+                .redirect(pods::probe_redirects())
                 .build()
                 .context("building the probe client")?,
             services: services.clone(),
@@ -426,4 +436,73 @@ async fn dispatch(
         pods::run_pod(ctx, rx, shutdown).await;
         uid
     });
+}
+
+/// Every address of this host (the node IP and each interface's): never egress for a pod.
+fn host_addresses(node_ip: Ipv4Addr) -> Vec<std::net::IpAddr> {
+    let mut ips = vec![std::net::IpAddr::V4(node_ip)];
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => {
+            for a in addrs {
+                let Some(addr) = a.address else { continue };
+                if let Some(v4) = addr.as_sockaddr_in() {
+                    ips.push(std::net::IpAddr::V4(v4.ip()));
+                } else if let Some(v6) = addr.as_sockaddr_in6() {
+                    ips.push(std::net::IpAddr::V6(v6.ip()));
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the host's addresses failed; only the node IP is kept from pods")
+        }
+    }
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// The default `--service-cluster-ip-range` of `wasmctl server` (inside 127/8 like pod IPs).
+const DEFAULT_SERVICE_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(127, 96, 0, 0), 16);
+
+fn in_net(net: (Ipv4Addr, u8), ip: Ipv4Addr) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(net.1)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net.0) & mask
+}
+
+/// A pod CIDR must not hand out addresses that are someone else's: the host's own loopback
+/// services (127.0.0.0/24: 127.0.0.1), the node IP, or ClusterIPs (the default service range).
+fn check_pod_cidr(cidr: (Ipv4Addr, u8), node_ip: Ipv4Addr) -> anyhow::Result<()> {
+    let overlaps = |other: (Ipv4Addr, u8)| in_net(cidr, other.0) || in_net(other, cidr.0);
+    let shown = format!("{}/{}", cidr.0, cidr.1);
+    if overlaps((Ipv4Addr::new(127, 0, 0, 0), 24)) {
+        anyhow::bail!("--pod-cidr {shown} overlaps 127.0.0.0/24, where the host's own loopback services listen");
+    }
+    if in_net(cidr, node_ip) {
+        anyhow::bail!("--pod-cidr {shown} contains the node IP {node_ip}");
+    }
+    if overlaps(DEFAULT_SERVICE_RANGE) {
+        anyhow::bail!("--pod-cidr {shown} overlaps the default service range 127.96.0.0/16");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_cidrs_that_take_others_addresses_are_refused() {
+        let node = Ipv4Addr::new(127, 250, 0, 3);
+        let ok = |s: [u8; 4], len: u8| check_pod_cidr((Ipv4Addr::from(s), len), node);
+        assert!(ok([127, 1, 0, 0], 16).is_ok());
+        assert!(ok([127, 0, 0, 0], 16).is_err(), "127.0.0.1 is the host's");
+        assert!(ok([127, 0, 0, 128], 25).is_err());
+        assert!(ok([127, 0, 0, 0], 8).is_err());
+        assert!(ok([127, 250, 0, 0], 24).is_err(), "the node IP");
+        assert!(ok([127, 96, 4, 0], 24).is_err(), "the service range");
+        assert!(
+            ok([127, 64, 0, 0], 10).is_err(),
+            "contains the service range"
+        );
+    }
 }

@@ -1,6 +1,19 @@
 //! Pod workers (the kubelet's `podWorkers`): one task per pod bound to this node. A worker
 //! builds the pod's sandbox, runs one runner per container, writes the pod's status when it
 //! changes, and on deletion drains and stops the pod, then removes it from the API.
+//!
+//! A worker allocates the pod IP and builds the sandbox; one runner per container pulls the
+//! module (tag resolved by the API server, blob fetched by digest and verified, or an OCI
+//! artifact; [`crate::images`]), loads it (memory map of the compile cache, or a compile), and
+//! runs it: commands in their own Store; HTTP components by binding their ports and
+//! registering routes. Runners report state changes and the worker PATCHes
+//! `pods/{name}/status` (phase, conditions, containerStatuses, podIP) when it changed. Exits
+//! restart per `restartPolicy` with Kubernetes' back-off (0, base, 2×base … 5 min; reset after
+//! 10 min running) shown as `CrashLoopBackOff`; liveness failures restart the component;
+//! readiness drives `Ready`. Deletion: the API sets `deletionTimestamp`; the worker stops
+//! accepting connections, lets in-flight requests finish within the grace period (commands are
+//! stopped at once — WASI 0.2 has no signals), kills the rest, then deletes the pod with grace
+//! 0 and a uid precondition.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -20,6 +33,7 @@ use wasmctl_api::Time;
 
 use crate::runtime::logs::ContainerLog;
 use crate::runtime::pod::{ContainerConfig, Egress, Exit, HttpRoute, Mount, PodSandbox};
+use crate::runtime::reach::{PodNet, Transport};
 use crate::runtime::{limits::PodBudget, ComponentKind, LoadedComponent};
 use crate::status::{self, restart_delay, waiting, RestartPolicy, StatusInput};
 use crate::AgentCtx;
@@ -611,7 +625,12 @@ impl Runner {
         let _probes_guard = probes.clone().drop_guard();
         let (live_tx, mut live_rx) = mpsc::channel::<String>(1);
         if let Some(p) = self.spec.liveness_probe.clone() {
-            let target = ProbeTarget::new(self.sandbox.ip, &self.spec, self.ctx.probes.clone());
+            let target = ProbeTarget::new(
+                self.sandbox.ip,
+                &self.spec,
+                self.ctx.probes.clone(),
+                self.sandbox.net.clone(),
+            );
             let probes = probes.clone();
             tokio::spawn(async move {
                 tokio::select! {
@@ -621,7 +640,12 @@ impl Runner {
             });
         }
         if let Some(p) = self.spec.readiness_probe.clone() {
-            let target = ProbeTarget::new(self.sandbox.ip, &self.spec, self.ctx.probes.clone());
+            let target = ProbeTarget::new(
+                self.sandbox.ip,
+                &self.spec,
+                self.ctx.probes.clone(),
+                self.sandbox.net.clone(),
+            );
             let shared = self.shared.clone();
             let probes = probes.clone();
             tokio::spawn(async move {
@@ -725,13 +749,17 @@ struct ProbeTarget {
     ports: HashMap<String, u16>,
     /// The agent's probe client (no proxies, no idle connections kept to pods).
     http: reqwest::Client,
+    /// The pod's ports: a probe connects only to a port the pod listens on (anything else at
+    /// the pod IP is a host service bound to 0.0.0.0). `None` in unit tests without a sandbox.
+    net: Option<Arc<PodNet>>,
 }
 
 impl ProbeTarget {
-    fn new(ip: Ipv4Addr, c: &Container, http: reqwest::Client) -> ProbeTarget {
+    fn new(ip: Ipv4Addr, c: &Container, http: reqwest::Client, net: Arc<PodNet>) -> ProbeTarget {
         ProbeTarget {
             ip,
             http,
+            net: Some(net),
             ports: c
                 .ports
                 .iter()
@@ -770,18 +798,65 @@ fn timing(p: &Probe) -> ProbeTiming {
     }
 }
 
-/// One probe attempt: Ok on success, Err(message) on failure.
+/// The `host` of a probe that names something other than the pod: the API server refuses
+/// it, and the agent never connects there (probes come from the host, and their result is in
+/// the status: a host of the pod's choosing would make the agent a port scanner).
+fn foreign_probe_host(p: &Probe, pod_ip: Ipv4Addr) -> Option<&str> {
+    let hosts = [
+        p.http_get.as_ref().and_then(|g| g.host.as_deref()),
+        p.tcp_socket.as_ref().and_then(|t| t.host.as_deref()),
+    ];
+    hosts
+        .into_iter()
+        .flatten()
+        .find(|h| !h.is_empty() && h.parse::<IpAddr>().ok() != Some(IpAddr::V4(pod_ip)))
+}
+
+/// How HTTP probes follow redirects (kube's prober): only to the same host (the pod IP), at
+/// most 10; a redirect elsewhere is not followed and its 3xx answer counts as success, so a
+/// pod cannot point the agent's probe at another address.
+pub fn probe_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first().and_then(|u| u.host_str());
+        if attempt.previous().len() > 10 {
+            attempt.error("probe: too many redirects")
+        } else if first.is_some() && attempt.url().host_str() == first {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
+}
+
+/// Says once per probe loop that a foreign `host` is ignored.
+fn warn_foreign_host(p: &Probe, target: &ProbeTarget) {
+    if let Some(h) = foreign_probe_host(p, target.ip) {
+        tracing::warn!(host = %h, pod_ip = %target.ip, "ignoring the probe's host: probes always target the pod's own IP");
+    }
+}
+
+/// One probe attempt: Ok on success, Err(message) on failure. It always connects to the pod
+/// IP, whatever `host` says ([`foreign_probe_host`]).
 async fn probe_once(p: &Probe, target: &ProbeTarget, timeout: Duration) -> Result<(), String> {
-    let host = |h: &Option<String>| -> IpAddr {
-        h.as_deref()
-            .and_then(|h| h.parse().ok())
-            .unwrap_or(IpAddr::V4(target.ip))
+    let ip = target.ip;
+    let listens = |port: u16| {
+        if target
+            .net
+            .as_ref()
+            .is_some_and(|n| !n.listens(Transport::Tcp, port))
+        {
+            return Err(format!(
+                "dial tcp {ip}:{port}: connect: connection refused (nothing of the pod listens there)"
+            ));
+        }
+        Ok(())
     };
     let attempt = async {
         if let Some(g) = &p.http_get {
             let port = target.port(&g.port)?;
+            listens(port)?;
             let path = g.path.clone().unwrap_or_else(|| "/".into());
-            let url = format!("http://{}:{port}{path}", host(&g.host));
+            let url = format!("http://{ip}:{port}{path}");
             let resp = target
                 .http
                 .get(&url)
@@ -797,10 +872,11 @@ async fn probe_once(p: &Probe, target: &ProbeTarget, timeout: Duration) -> Resul
             }
         } else if let Some(t) = &p.tcp_socket {
             let port = target.port(&t.port)?;
-            tokio::net::TcpStream::connect((host(&t.host), port))
+            listens(port)?;
+            tokio::net::TcpStream::connect((ip, port))
                 .await
                 .map(|_| ())
-                .map_err(|e| format!("dial tcp {}:{port}: {e}", host(&t.host)))
+                .map_err(|e| format!("dial tcp {ip}:{port}: {e}"))
         } else {
             Err("the probe has no handler this node supports (httpGet or tcpSocket)".into())
         }
@@ -813,6 +889,7 @@ async fn probe_once(p: &Probe, target: &ProbeTarget, timeout: Duration) -> Resul
 
 /// Returns (with the last failure) once `failureThreshold` consecutive probes failed.
 async fn liveness_loop(p: Probe, target: ProbeTarget) -> String {
+    warn_foreign_host(&p, &target);
     let t = timing(&p);
     tokio::time::sleep(t.initial).await;
     let mut failures = 0;
@@ -831,6 +908,7 @@ async fn liveness_loop(p: Probe, target: ProbeTarget) -> String {
 }
 
 async fn readiness_loop(p: Probe, target: ProbeTarget, shared: Arc<Shared>) {
+    warn_foreign_host(&p, &target);
     let t = timing(&p);
     tokio::time::sleep(t.initial).await;
     let (mut ok, mut bad) = (0u32, 0u32);
@@ -953,5 +1031,81 @@ mod tests {
             a.allocate("z", Some("127.1.3.4")).unwrap().to_string(),
             "127.1.3.4"
         );
+    }
+
+    /// A tiny HTTP server on `ip` answering every request with `response`; counts requests.
+    async fn http_server(ip: &str, response: String) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(response.as_bytes()).await;
+            }
+        });
+        (port, hits)
+    }
+
+    fn probe(v: serde_json::Value) -> Probe {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// Issue 11, item 7: `host` made the agent connect from the host to any address and put
+    /// the answer in the pod's status. The API server refuses it now; the agent ignores it
+    /// for objects stored before (or written past the server), and does not follow a pod's
+    /// redirect to another address either.
+    #[tokio::test]
+    async fn probes_only_reach_the_pod() {
+        // A "host service" on 127.0.0.1; the pod's IP is 127.0.0.2, where nothing listens.
+        let (port, host_hits) = http_server(
+            "127.0.0.1",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into(),
+        )
+        .await;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(probe_redirects())
+            .build()
+            .unwrap();
+        let pod = ProbeTarget {
+            ip: "127.0.0.2".parse().unwrap(),
+            ports: HashMap::new(),
+            http: http.clone(),
+            net: None,
+        };
+        let t = Duration::from_secs(2);
+        let tcp = probe(json!({"tcpSocket": {"host": "127.0.0.1", "port": port}}));
+        assert_eq!(foreign_probe_host(&tcp, pod.ip), Some("127.0.0.1"));
+        let err = probe_once(&tcp, &pod, t).await.unwrap_err();
+        assert!(err.contains(&format!("127.0.0.2:{port}")), "{err}");
+        let get = probe(json!({"httpGet": {"host": "127.0.0.1", "port": port, "path": "/"}}));
+        assert!(probe_once(&get, &pod, t).await.is_err());
+        assert_eq!(host_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // The pod's own IP as host is the pod.
+        let own = probe(json!({"tcpSocket": {"host": "127.0.0.2", "port": 1}}));
+        assert_eq!(foreign_probe_host(&own, pod.ip), None);
+
+        // A pod (here on 127.0.0.3) that redirects its probe to the host service: not followed,
+        // and the 302 counts as success, as in Kubernetes.
+        let location = format!("http://127.0.0.1:{port}/");
+        let (pod_port, _) = http_server(
+            "127.0.0.3",
+            format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n"),
+        )
+        .await;
+        let pod = ProbeTarget {
+            ip: "127.0.0.3".parse().unwrap(),
+            ports: HashMap::new(),
+            http,
+            net: None,
+        };
+        let get = probe(json!({"httpGet": {"port": pod_port, "path": "/healthz"}}));
+        probe_once(&get, &pod, t).await.unwrap();
+        assert_eq!(host_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }

@@ -1,7 +1,9 @@
 //! The agent's own HTTP endpoint (the kubelet's port 10250 role), on the node IP:
 //! `GET /containerLogs/{namespace}/{pod}/{container}?follow=&tailLines=&timestamps=&limitBytes=`
 //! and `GET /healthz`. The API server proxies `pods/{name}/log` here and authenticates with the
-//! cluster token; every other caller needs the same bearer token.
+//! cluster token (compared in constant time); every other caller needs the same bearer token,
+//! and the agent refuses to start without one. A connection must send its request head within
+//! [`HEADER_READ_TIMEOUT`].
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -12,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,9 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// Concurrent connections the endpoint accepts (each `-f` follower holds one).
 const MAX_CONNECTIONS: usize = 256;
+
+/// How long a connection may take to send a request head (also between keep-alive requests).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(ctx: Arc<AgentCtx>, listener: TcpListener, shutdown: CancellationToken) {
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -51,7 +56,18 @@ pub async fn serve(ctx: Arc<AgentCtx>, listener: TcpListener, shutdown: Cancella
                 let ctx = ctx.clone();
                 async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client must send its request head within HEADER_READ_TIMEOUT (the permit it
+            // holds is one of MAX_CONNECTIONS).
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10));
             let conn = builder.serve_connection(TokioIo::new(sock), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -62,6 +78,16 @@ pub async fn serve(ctx: Arc<AgentCtx>, listener: TcpListener, shutdown: Cancella
     }
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guessed
+/// token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in b.iter().enumerate() {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ x);
+    }
+    diff == 0
 }
 
 fn text(status: StatusCode, msg: String) -> Response<Body> {
@@ -77,15 +103,13 @@ async fn handle(ctx: &AgentCtx, req: Request<hyper::body::Incoming>) -> Response
     if path == "/healthz" {
         return text(StatusCode::OK, "ok".into());
     }
-    if let Some(token) = &ctx.token {
-        let given = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
-            return text(StatusCode::UNAUTHORIZED, "Unauthorized\n".into());
-        }
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), ctx.token.as_bytes())) {
+        return text(StatusCode::UNAUTHORIZED, "Unauthorized\n".into());
     }
     let query: HashMap<String, String> = req
         .uri()

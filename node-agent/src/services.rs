@@ -10,9 +10,15 @@
 //!
 //! Objects are read leniently from JSON (unknown fields ignored), so a newer API server
 //! that adds fields (e.g. `appProtocol`) never stops the table.
+//!
+//! A list+watch of the Nodes (their pod CIDRs and addresses) decides which endpoint addresses
+//! are pods: an address that is not inside the pod CIDR of the node it names (or of any
+//! node), or that is a node's address, a ClusterIP or a special address, is never a
+//! [`Backend`] (the API server refuses such Endpoints too; this holds for any it stored
+//! before, or that another writer got past it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +26,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use wasmctl_api::validation::{
+    cidrs_overlap, in_cidr, parse_ipv4_cidr, special_ip_reason, HOST_LOOPBACK,
+};
 use wasmctl_client::Client;
 
 use crate::reflector::{reflect, Event};
@@ -146,8 +155,9 @@ pub struct ServiceSnapshot {
     by_cluster_ip: HashMap<SocketAddrV4, (Arc<ServiceEntry>, usize)>,
     by_node_port: HashMap<u16, (Arc<ServiceEntry>, usize)>,
     cluster_ips: HashSet<Ipv4Addr>,
-    /// Both lists have completed at least once: before that, "not found" means "not known
-    /// yet" (a DNS server should answer SERVFAIL rather than NXDOMAIN).
+    /// Every list (Services, Endpoints, Nodes) has completed at least once: before that,
+    /// "not found" means "not known yet" (a DNS server should answer SERVFAIL rather than
+    /// NXDOMAIN).
     pub synced: bool,
     /// Bumped on every published change.
     pub generation: u64,
@@ -277,11 +287,15 @@ impl ServiceTable {
     pub async fn run(self: Arc<Self>, api: Client, shutdown: CancellationToken) {
         let (tx, mut rx) = mpsc::channel::<Change>(1024);
         let mut tasks = tokio::task::JoinSet::new();
-        for kind in [Kind::Services, Kind::Endpoints] {
+        for kind in [Kind::Services, Kind::Endpoints, Kind::Nodes] {
             let wrap = move |e| match e {
                 Event::Reset(items) => Some(Change::Reset(kind, items)),
                 Event::Upsert(obj) => Some(Change::Upsert(kind, obj)),
-                Event::Delete(obj) => key_of(&obj).map(|k| Change::Delete(kind, k)),
+                Event::Delete(obj) => match kind {
+                    Kind::Nodes => node_name(&obj).map(|n| ServiceKey::new("", &n)),
+                    _ => key_of(&obj),
+                }
+                .map(|k| Change::Delete(kind, k)),
             };
             let path = kind.path().to_string();
             tasks.spawn(reflect(
@@ -314,6 +328,7 @@ impl ServiceTable {
 enum Kind {
     Services,
     Endpoints,
+    Nodes,
 }
 
 impl Kind {
@@ -321,6 +336,7 @@ impl Kind {
         match self {
             Kind::Services => "/api/v1/services",
             Kind::Endpoints => "/api/v1/endpoints",
+            Kind::Nodes => "/api/v1/nodes",
         }
     }
 }
@@ -329,6 +345,7 @@ enum Change {
     /// A complete list: replaces everything of that kind.
     Reset(Kind, Vec<Value>),
     Upsert(Kind, Value),
+    /// A deleted object (a Node's key has an empty namespace).
     Delete(Kind, ServiceKey),
 }
 
@@ -340,18 +357,109 @@ fn key_of(obj: &Value) -> Option<ServiceKey> {
     ))
 }
 
+fn node_name(obj: &Value) -> Option<String> {
+    obj["metadata"]["name"].as_str().map(str::to_string)
+}
+
+/// What the agent keeps of a Node: where its pods' IPs are and its own addresses.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct NodeNet {
+    /// `spec.podCIDR` and `spec.podCIDRs` (IPv4), without any that takes in the host's own
+    /// loopback services (127.0.0.0/24): no agent runs pods there.
+    pod_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// `status.addresses`.
+    addresses: Vec<IpAddr>,
+}
+
+fn decode_node(v: &Value) -> Option<(String, NodeNet)> {
+    let name = node_name(v)?;
+    let spec = &v["spec"];
+    let mut net = NodeNet::default();
+    let cidrs = spec["podCIDR"].as_str().into_iter().chain(
+        spec["podCIDRs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str),
+    );
+    for c in cidrs.filter_map(parse_ipv4_cidr) {
+        if !cidrs_overlap(c, HOST_LOOPBACK) && !net.pod_cidrs.contains(&c) {
+            net.pod_cidrs.push(c);
+        }
+    }
+    for a in v["status"]["addresses"].as_array().into_iter().flatten() {
+        if let Some(ip) = a["address"].as_str().and_then(|a| a.parse::<IpAddr>().ok()) {
+            net.addresses.push(ip.to_canonical());
+        }
+    }
+    Some((name, net))
+}
+
+/// Which endpoint addresses are pods, from the Nodes and the ClusterIPs.
+struct PodAddresses<'a> {
+    nodes: &'a HashMap<String, NodeNet>,
+    /// Every node's addresses, with the node's name.
+    node_addresses: HashMap<IpAddr, &'a str>,
+    cluster_ips: HashSet<Ipv4Addr>,
+}
+
+impl PodAddresses<'_> {
+    /// Why the address `ip` (naming `node`) is not a pod's, or `None`.
+    fn refusal(&self, ip: Ipv4Addr, node: Option<&str>) -> Option<String> {
+        if let Some(why) = special_ip_reason(IpAddr::V4(ip)) {
+            return Some(why);
+        }
+        if self.cluster_ips.contains(&ip) {
+            return Some("is a ClusterIP".into());
+        }
+        if let Some(n) = self.node_addresses.get(&IpAddr::V4(ip)) {
+            return Some(format!("is the address of node {n:?}"));
+        }
+        let named = node
+            .and_then(|n| self.nodes.get(n))
+            .filter(|net| !net.pod_cidrs.is_empty());
+        match named {
+            // The node it names publishes its CIDR: the address must be one of its pods'.
+            Some(net) if net.pod_cidrs.iter().any(|c| in_cidr(*c, ip)) => None,
+            Some(_) => Some(format!(
+                "is not inside the pod CIDR of node {:?}",
+                node.unwrap_or_default()
+            )),
+            None if self
+                .nodes
+                .values()
+                .any(|net| net.pod_cidrs.iter().any(|c| in_cidr(*c, ip))) =>
+            {
+                None
+            }
+            None => Some("is not inside any node's pod CIDR".into()),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     services: HashMap<ServiceKey, WireService>,
     endpoints: HashMap<ServiceKey, WireEndpoints>,
-    synced: [bool; 2],
+    /// By node name.
+    nodes: HashMap<String, NodeNet>,
+    synced: [bool; 3],
     dirty: bool,
     generation: u64,
+    /// The endpoint addresses the last build left out, so each is logged once.
+    refused: HashSet<(ServiceKey, Ipv4Addr)>,
 }
 
 impl State {
     fn apply(&mut self, change: Change) {
-        self.dirty = true;
+        // A Node's status changes every heartbeat: only a change of its addresses or pod
+        // CIDRs makes a new snapshot.
+        if !matches!(
+            change,
+            Change::Upsert(Kind::Nodes, _) | Change::Delete(Kind::Nodes, _)
+        ) {
+            self.dirty = true;
+        }
         match change {
             Change::Reset(kind, items) => {
                 let idx = kind as usize;
@@ -363,6 +471,22 @@ impl State {
                     Kind::Endpoints => {
                         self.endpoints = items.into_iter().filter_map(decode).collect();
                     }
+                    Kind::Nodes => {
+                        self.nodes = items.iter().filter_map(decode_node).collect();
+                    }
+                }
+            }
+            Change::Upsert(Kind::Nodes, v) => {
+                if let Some((name, net)) = decode_node(&v) {
+                    if self.nodes.get(&name) != Some(&net) {
+                        self.nodes.insert(name, net);
+                        self.dirty = true;
+                    }
+                }
+            }
+            Change::Delete(Kind::Nodes, k) => {
+                if self.nodes.remove(&k.name).is_some() {
+                    self.dirty = true;
                 }
             }
             Change::Upsert(Kind::Services, v) => {
@@ -384,13 +508,37 @@ impl State {
         }
     }
 
-    fn build(&self) -> ServiceSnapshot {
+    fn build(&mut self) -> ServiceSnapshot {
+        let pods = PodAddresses {
+            nodes: &self.nodes,
+            node_addresses: self
+                .nodes
+                .iter()
+                .flat_map(|(n, net)| net.addresses.iter().map(move |a| (*a, n.as_str())))
+                .collect(),
+            cluster_ips: self
+                .services
+                .values()
+                .filter_map(|s| s.spec.cluster_ip.as_deref()?.parse().ok())
+                .collect(),
+        };
+        let mut refused = HashMap::new();
         let entries = self
             .services
             .iter()
-            .map(|(k, s)| build_entry(k, s, self.endpoints.get(k)))
+            .map(|(k, s)| build_entry(k, s, self.endpoints.get(k), &pods, &mut refused))
             .collect();
-        ServiceSnapshot::from_entries(entries, self.synced.iter().all(|s| *s), self.generation)
+        let synced = self.synced.iter().all(|s| *s);
+        // Until the Nodes are listed every address is refused: that is not news.
+        if synced {
+            for ((svc, ip), why) in &refused {
+                if !self.refused.contains(&(svc.clone(), *ip)) {
+                    tracing::warn!(service = %svc, endpoint = %ip, reason = %why, "not sending to an endpoint that is not a pod");
+                }
+            }
+            self.refused = refused.into_keys().collect();
+        }
+        ServiceSnapshot::from_entries(entries, synced, self.generation)
     }
 }
 
@@ -493,7 +641,15 @@ fn port_u16(n: i64) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p != 0)
 }
 
-fn build_entry(key: &ServiceKey, s: &WireService, eps: Option<&WireEndpoints>) -> ServiceEntry {
+/// The entry of Service `key`; the endpoint addresses `pods` refuses are left out and put in
+/// `refused` with the reason.
+fn build_entry(
+    key: &ServiceKey,
+    s: &WireService,
+    eps: Option<&WireEndpoints>,
+    pods: &PodAddresses<'_>,
+    refused: &mut HashMap<(ServiceKey, Ipv4Addr), String>,
+) -> ServiceEntry {
     let spec = &s.spec;
     let type_ = match spec.type_.as_deref() {
         Some("NodePort") => ServiceType::NodePort,
@@ -542,6 +698,10 @@ fn build_entry(key: &ServiceKey, s: &WireService, eps: Option<&WireEndpoints>) -
                     let Ok(ip) = a.ip.parse::<Ipv4Addr>() else {
                         continue;
                     };
+                    if let Some(why) = pods.refusal(ip, a.node_name.as_deref()) {
+                        refused.insert((key.clone(), ip), why);
+                        continue;
+                    }
                     endpoints.push(Backend {
                         ip,
                         port: target,
@@ -625,10 +785,25 @@ mod tests {
         })
     }
 
+    /// Nodes `a` (pods in 127.1.0.0/16) and `b` (127.2.0.0/16), as agents register them.
+    fn nodes() -> Vec<Value> {
+        let node = |name: &str, cidr: &str, ip: &str| {
+            json!({"metadata": {"name": name},
+                   "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+                   "status": {"addresses": [{"type": "InternalIP", "address": ip},
+                                            {"type": "Hostname", "address": name}]}})
+        };
+        vec![
+            node("a", "127.1.0.0/16", "127.250.0.1"),
+            node("b", "127.2.0.0/16", "127.250.0.2"),
+        ]
+    }
+
     fn table(services: Vec<Value>, eps: Vec<Value>) -> ServiceSnapshot {
         let mut st = State::default();
         st.apply(Change::Reset(Kind::Services, services));
         st.apply(Change::Reset(Kind::Endpoints, eps));
+        st.apply(Change::Reset(Kind::Nodes, nodes()));
         st.build()
     }
 
@@ -681,6 +856,8 @@ mod tests {
         assert!(!st.build().synced, "endpoints not listed yet");
         // A Service without Endpoints yet has ports and no endpoints.
         st.apply(Change::Reset(Kind::Endpoints, vec![]));
+        assert!(!st.build().synced, "nodes not listed yet");
+        st.apply(Change::Reset(Kind::Nodes, nodes()));
         let snap = st.build();
         assert!(snap.synced);
         assert!(snap.get("default", "web").unwrap().ports[0]
@@ -737,5 +914,81 @@ mod tests {
         assert!(snap.resolve_host("web", "default").is_some());
         assert!(snap.resolve_host("web.default.svc", "shop").is_some());
         assert!(snap.resolve_host("web", "shop").is_none());
+    }
+
+    /// Issue 11, item 6: the agent built a Backend of every IPv4 address an Endpoints object
+    /// listed, so a selector-less Service with hand-written Endpoints was a way out of the
+    /// pod's egress rules to the host (127.0.0.1:10250), a node, the metadata address or a
+    /// ClusterIP. Only pod addresses are Backends now.
+    #[test]
+    fn endpoints_that_are_not_pods_are_dropped() {
+        let svc = json!({
+            "metadata": {"namespace": "default", "name": "tunnel"},
+            "spec": {"clusterIP": "127.96.0.20", "ports": [{"port": 80}]}
+        });
+        let eps = json!({
+            "metadata": {"namespace": "default", "name": "tunnel"},
+            "subsets": [{
+                "addresses": [
+                    {"ip": "127.1.0.9", "nodeName": "a"},
+                    {"ip": "127.2.0.9"},
+                    {"ip": "127.0.0.1"},
+                    {"ip": "169.254.169.254"},
+                    {"ip": "127.96.0.10"},
+                    {"ip": "127.250.0.2"},
+                    {"ip": "127.2.0.10", "nodeName": "a"},
+                    {"ip": "127.7.0.1"},
+                    {"ip": "10.0.0.5"},
+                    {"ip": "127.1.0.11", "nodeName": "unknown"}
+                ],
+                "ports": [{"port": 10250}]
+            }]
+        });
+        let mut st = State::default();
+        st.apply(Change::Reset(Kind::Services, vec![service(), svc]));
+        st.apply(Change::Reset(Kind::Endpoints, vec![eps]));
+        st.apply(Change::Reset(Kind::Nodes, nodes()));
+        let snap = st.build();
+        let port = &snap.get("default", "tunnel").unwrap().ports[0];
+        let kept: Vec<String> = port
+            .endpoints
+            .iter()
+            .map(|b| b.addr().to_string())
+            .collect();
+        assert_eq!(
+            kept,
+            ["127.1.0.9:10250", "127.2.0.9:10250", "127.1.0.11:10250"]
+        );
+        let mut refused: Vec<String> = st.refused.iter().map(|(_, ip)| ip.to_string()).collect();
+        refused.sort();
+        assert_eq!(
+            refused,
+            [
+                "10.0.0.5",
+                "127.0.0.1",
+                "127.2.0.10",
+                "127.250.0.2",
+                "127.7.0.1",
+                "127.96.0.10",
+                "169.254.169.254"
+            ]
+        );
+        // A node that goes takes its pods' addresses with it; one that comes back restores
+        // them. Heartbeats (same CIDR and addresses) publish nothing new.
+        st.dirty = false;
+        st.apply(Change::Upsert(Kind::Nodes, nodes()[1].clone()));
+        assert!(!st.dirty, "an unchanged node is not a change");
+        st.apply(Change::Delete(Kind::Nodes, ServiceKey::new("", "b")));
+        assert!(st.dirty);
+        let port = st.build().get("default", "tunnel").unwrap().ports[0].clone();
+        assert_eq!(port.endpoints.len(), 2);
+        st.apply(Change::Upsert(Kind::Nodes, nodes()[1].clone()));
+        let port = st.build().get("default", "tunnel").unwrap().ports[0].clone();
+        assert_eq!(port.endpoints.len(), 3);
+        // A Node whose "pod CIDR" takes in the host's loopback services vouches for nothing.
+        let rogue = json!({"metadata": {"name": "rogue"}, "spec": {"podCIDR": "127.0.0.0/8"}});
+        st.apply(Change::Upsert(Kind::Nodes, rogue));
+        let port = st.build().get("default", "tunnel").unwrap().ports[0].clone();
+        assert_eq!(port.endpoints.len(), 3);
     }
 }

@@ -30,6 +30,10 @@ pub struct ServerArgs {
     /// Concurrent watches; more get 429.
     #[arg(long, default_value_t = 2048)]
     pub max_watches: usize,
+    /// (Boxed: keeps the `wasmctl` subcommand enum within clippy's `large_enum_variant`
+    /// bound, `up` flattening all of these.)
+    #[command(flatten)]
+    pub api_timeouts: Box<ApiTimeoutArgs>,
     /// Extra DNS names or IPs for the serving certificate.
     #[arg(long = "tls-san")]
     pub tls_sans: Vec<String>,
@@ -41,6 +45,14 @@ pub struct ServerArgs {
     /// after their toleration of that taint, 300 s by default).
     #[arg(long, default_value = "40s", value_parser = super::parse_duration)]
     pub node_monitor_grace_period: Duration,
+    /// Terminated pods (Succeeded or Failed) kept before the pod garbage collector deletes
+    /// the oldest; 0 keeps them all.
+    #[arg(long, default_value_t = 12_500)]
+    pub terminated_pod_gc_threshold: usize,
+    /// How long a node must stay missing before the pod garbage collector deletes the pods
+    /// still bound to it (Kubernetes' fixed 40 s quarantine; shortened by tests).
+    #[arg(long, hide = true, default_value = "40s", value_parser = super::parse_duration)]
+    pub pod_gc_quarantine: Duration,
     /// The range Services' cluster IPs are allocated from (IPv4, /12 to /30). The default is
     /// inside 127.0.0.0/8, so that every node on one host can bind them.
     #[arg(long, default_value = "127.96.0.0/16")]
@@ -50,6 +62,23 @@ pub struct ServerArgs {
     pub service_node_port_range: PortRange,
 }
 
+/// Hidden tunables of the API connections' deadlines, for tests (the defaults, and why, are
+/// in `wasmctl_control_plane::apiserver::ConnTimeouts::default()`).
+#[derive(Args)]
+pub struct ApiTimeoutArgs {
+    /// How long a new API connection may go without a complete request header after its
+    /// TLS handshake (and a header begun on a kept-alive one may take). Default 10s.
+    #[arg(long, hide = true, value_parser = super::parse_duration)]
+    pub request_header_timeout: Option<Duration>,
+    /// How long an API connection may stay open with no request in flight. Default 90s.
+    #[arg(long, hide = true, value_parser = super::parse_duration)]
+    pub idle_connection_timeout: Option<Duration>,
+    /// How long a write to an API client may make no progress before its connection is
+    /// dropped. Default 60s.
+    #[arg(long, hide = true, value_parser = super::parse_duration)]
+    pub write_stall_timeout: Option<Duration>,
+}
+
 impl ServerArgs {
     pub fn config(&self) -> ServerConfig {
         let mut cfg = ServerConfig::new(&self.data_dir, self.listen);
@@ -57,9 +86,20 @@ impl ServerArgs {
         cfg.bookmark_interval = self.bookmark_interval;
         cfg.max_connections = self.max_connections;
         cfg.max_watches = self.max_watches;
+        if let Some(t) = self.api_timeouts.request_header_timeout {
+            cfg.api_timeouts.request_header = t;
+        }
+        if let Some(t) = self.api_timeouts.idle_connection_timeout {
+            cfg.api_timeouts.idle = t;
+        }
+        if let Some(t) = self.api_timeouts.write_stall_timeout {
+            cfg.api_timeouts.write_stall = t;
+        }
         cfg.tls_sans = self.tls_sans.clone();
         cfg.snapshot_logs = self.snapshot_logs;
         cfg.controllers.node_monitor_grace_period = self.node_monitor_grace_period;
+        cfg.controllers.terminated_pod_gc_threshold = self.terminated_pod_gc_threshold;
+        cfg.controllers.pod_gc_quarantine = self.pod_gc_quarantine;
         cfg.service_ranges = ServiceRanges {
             cluster_ip: self.service_cluster_ip_range,
             node_ports: self.service_node_port_range,

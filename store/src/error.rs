@@ -8,12 +8,16 @@ use openraft::{BasicNode, StorageError as RaftStorageError};
 /// Errors returned by [`Store`](crate::Store) and [`WatchStream`](crate::WatchStream).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The history needed to serve a watch from `requested` is gone.
+    /// The history needed to serve a watch from `requested`, or a read as of it, is gone.
     #[error(
         "revision {requested} is compacted (history is only kept after revision {compacted}): \
          list again and watch from the listed revision"
     )]
     Compacted { requested: u64, compacted: u64 },
+
+    /// A read as of a revision that the store has not reached.
+    #[error("revision {requested} is newer than the store's revision {current}")]
+    FutureRevision { requested: u64, current: u64 },
 
     /// A live watcher fell further behind than the watch channel holds and was dropped.
     #[error("watch fell behind the event stream and was dropped: list again and watch from the listed revision")]

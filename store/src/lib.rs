@@ -2,7 +2,8 @@
 //! and kept in RocksDB.
 //!
 //! - Every write goes through Raft ([`Store::write`]); reads are linearizable ([`Store::get`],
-//!   [`Store::range`]).
+//!   [`Store::range`]), each from one RocksDB snapshot; [`Store::range_at`] reads as of a past
+//!   revision that the history still covers, so that chunks and pages make one snapshot.
 //! - One cluster-wide revision counter: each successful [`Op`] bumps it by one, and every value
 //!   records the revisions that created and last modified it, for compare-and-swap.
 //! - The last `history_size` events are kept, so that a [`WatchStream`] can resume from a
@@ -15,6 +16,7 @@ mod db;
 mod error;
 mod log_store;
 mod network;
+mod read;
 mod state_machine;
 mod types;
 mod watch;
@@ -37,7 +39,7 @@ pub use crate::network::MULTI_VOTER_UNSUPPORTED;
 pub use crate::types::{EventKind, KeyValue, Op, OpResult, Precondition, RangeResult, WatchEvent};
 pub use crate::watch::WatchStream;
 
-use crate::db::{DbUser, CF_OBJECTS, CF_SM_META, KEY_REVISION};
+use crate::db::{DbUser, CF_OBJECTS};
 use crate::log_store::LogStore;
 use crate::network::Network;
 use crate::state_machine::{SmConfig, SmShared, StateMachineStore};
@@ -279,6 +281,17 @@ impl Store {
         Ok(value.map(|v| v.to_key_value(key)))
     }
 
+    /// The value of `key` and the store revision it was read at, from one snapshot
+    /// (linearizable): no write to `key` lies after the value and at or before the revision, so
+    /// a watch from that revision sees the next change of `key`.
+    pub async fn get_with_revision(
+        &self,
+        key: &str,
+    ) -> Result<(Option<KeyValue>, u64), StoreError> {
+        self.barrier().await?;
+        read::read_key(&self.inner.sm.db, key)
+    }
+
     /// Keys starting with `prefix`, in key order, strictly after `start_after` if given, at most
     /// `limit` of them (0: no limit), read from one consistent snapshot (linearizable);
     /// `revision` is the store revision of that snapshot.
@@ -288,13 +301,43 @@ impl Store {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<RangeResult, StoreError> {
+        self.read_range(prefix, start_after, limit, None).await
+    }
+
+    /// Like [`Store::range`], but as of the past `revision` (linearizable): the keys and values
+    /// that the store held right after applying `revision`. Reading a long range in chunks, each
+    /// from the revision of the first, gives one consistent view.
+    ///
+    /// Served from the current state and the history newer than `revision` (so it costs a scan
+    /// of that history). Fails with `Compacted` if `revision` is below
+    /// [`Store::compacted_revision`], with `FutureRevision` if the store has not reached it.
+    pub async fn range_at(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        revision: u64,
+    ) -> Result<RangeResult, StoreError> {
+        self.read_range(prefix, start_after, limit, Some(revision))
+            .await
+    }
+
+    async fn read_range(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        at: Option<u64>,
+    ) -> Result<RangeResult, StoreError> {
         self.barrier().await?;
         let db = self.inner.sm.db.clone();
         let prefix = prefix.to_owned();
         let start_after = start_after.map(str::to_owned);
-        tokio::task::spawn_blocking(move || read_range(&db, &prefix, start_after.as_deref(), limit))
-            .await
-            .map_err(|e| StoreError::storage("reading a range", e))?
+        tokio::task::spawn_blocking(move || {
+            read::read_range(&db, &prefix, start_after.as_deref(), limit, at)
+        })
+        .await
+        .map_err(|e| StoreError::storage("reading a range", e))?
     }
 
     /// The latest applied revision (no I/O).
@@ -415,57 +458,4 @@ impl Store {
             compacted_revision: self.compacted_revision(),
         }
     }
-}
-
-/// Reads a range from one RocksDB snapshot.
-fn read_range(
-    db: &rocksdb::DB,
-    prefix: &str,
-    start_after: Option<&str>,
-    limit: usize,
-) -> Result<RangeResult, StoreError> {
-    let snap = db.snapshot();
-    let revision: u64 = match snap
-        .get_cf(db::cf(db, CF_SM_META), KEY_REVISION)
-        .map_err(|e| StoreError::storage("reading the revision", e))?
-    {
-        Some(bytes) => {
-            db::decode(&bytes).map_err(|e| StoreError::storage("decoding the revision", e))?
-        }
-        None => 0,
-    };
-    // Start at the prefix, or just after `start_after` if that is further.
-    let from: &str = match start_after {
-        Some(after) if after >= prefix => after,
-        _ => prefix,
-    };
-    let mut items = Vec::new();
-    let mut more = false;
-    let iter = snap.iterator_cf(
-        db::cf(db, CF_OBJECTS),
-        rocksdb::IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward),
-    );
-    for item in iter {
-        let (key, value) = item.map_err(|e| StoreError::storage("reading a range", e))?;
-        if !key.starts_with(prefix.as_bytes()) {
-            break;
-        }
-        if Some(key.as_ref()) == start_after.map(str::as_bytes) {
-            continue;
-        }
-        if limit != 0 && items.len() == limit {
-            more = true;
-            break;
-        }
-        let key = String::from_utf8(key.into_vec())
-            .map_err(|e| StoreError::storage("decoding a key", e))?;
-        let value: StoredValue = db::decode(&value)
-            .map_err(|e| StoreError::storage(&format!("decoding key {key:?}"), e))?;
-        items.push(value.to_key_value(&key));
-    }
-    Ok(RangeResult {
-        items,
-        more,
-        revision,
-    })
 }

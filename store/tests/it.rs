@@ -546,3 +546,168 @@ async fn watch_replays_a_long_history_in_chunks() {
     drop(watch);
     store.shutdown().await.unwrap();
 }
+
+/// A range read in chunks, each as of the first chunk's revision, is one consistent view even
+/// though writes land between the chunks (updates, deletes before and after the chunk being
+/// read, creates, a delete and re-create).
+#[tokio::test]
+async fn a_range_read_in_chunks_while_writes_land_sees_one_revision() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.fsync = false;
+    let store = open(cfg).await;
+    let mut ops: Vec<Op> = (1..=10)
+        .map(|i| put(&format!("a/{i:02}"), "v1", Precondition::None))
+        .collect();
+    ops.push(put("b/1", "v1", Precondition::None));
+    store.write(ops).await.unwrap();
+    let before = store.range("a/", None, 0).await.unwrap();
+    assert_eq!(before.items.len(), 10);
+
+    let first = store.range("a/", None, 3).await.unwrap();
+    let at = first.revision;
+    assert_eq!(at, before.revision);
+    assert!(first.more);
+    let mut chunks = vec![first];
+    let mut writes = vec![
+        put("a/05", "v2", Precondition::None),
+        put("a/05", "v3", Precondition::None),
+        delete("a/07", Precondition::None),
+        put("a/055", "new", Precondition::None),
+        delete("a/02", Precondition::None),
+        put("a/99", "new", Precondition::None),
+        put("b/2", "other prefix", Precondition::None),
+        delete("a/09", Precondition::None),
+        put("a/09", "re-created", Precondition::None),
+        delete("a/10", Precondition::None),
+        put("a/00", "new, before everything", Precondition::None),
+    ]
+    .into_iter();
+    loop {
+        // Two writes between chunks.
+        for op in writes.by_ref().take(2) {
+            write1(&store, op).await;
+        }
+        let last = chunks.last().unwrap();
+        if !last.more {
+            break;
+        }
+        let after = last.items.last().unwrap().key.clone();
+        let chunk = store.range_at("a/", Some(&after), 3, at).await.unwrap();
+        assert_eq!(
+            chunk.revision, at,
+            "every chunk reports the first chunk's revision"
+        );
+        chunks.push(chunk);
+    }
+    for op in writes {
+        write1(&store, op).await;
+    }
+    assert!(store.revision() > at + 8, "the writes landed");
+    let sizes: Vec<usize> = chunks.iter().map(|c| c.items.len()).collect();
+    assert_eq!(sizes, [3, 3, 3, 1], "10 keys in chunks of 3");
+    let union: Vec<KeyValue> = chunks.into_iter().flat_map(|c| c.items).collect();
+    assert_eq!(
+        union, before.items,
+        "the union is the range as of the first chunk"
+    );
+
+    // The whole range at once, as of that revision, and as of now.
+    let again = store.range_at("a/", None, 0, at).await.unwrap();
+    assert_eq!(again.items, before.items);
+    let now = store.range("a/", None, 0).await.unwrap();
+    assert_eq!(
+        store.range_at("a/", None, 0, now.revision).await.unwrap(),
+        now
+    );
+    // Limits count the keys of that revision: a/07 and a/10 (deleted since) still fill it.
+    let r = store.range_at("a/", Some("a/06"), 2, at).await.unwrap();
+    let keys: Vec<&str> = r.items.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!((keys, r.more), (vec!["a/07", "a/08"], true));
+    let r = store.range_at("a/", Some("a/08"), 2, at).await.unwrap();
+    let keys: Vec<&str> = r.items.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!((keys, r.more), (vec!["a/09", "a/10"], false));
+    assert_eq!(r.items[0].value.as_ref(), b"v1");
+    store.shutdown().await.unwrap();
+}
+
+/// A read as of a revision whose history is compacted fails with `Compacted` (it cannot be
+/// served consistently); a revision the store has not reached fails too.
+#[tokio::test]
+async fn a_read_at_a_compacted_revision_fails() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.history_size = 5;
+    cfg.fsync = false;
+    let store = open(cfg).await;
+    for i in 0..3 {
+        write1(&store, put(&format!("k{i}"), "v", Precondition::None)).await;
+    }
+    let at = store.revision();
+    assert!(store.range_at("", None, 0, at).await.is_ok());
+    for i in 0..20 {
+        write1(&store, put(&format!("k{i}"), "w", Precondition::None)).await;
+    }
+    let compacted = store.compacted_revision();
+    assert!(compacted > at, "compacted={compacted}");
+    match store.range_at("", None, 1, at).await {
+        Err(StoreError::Compacted {
+            requested,
+            compacted: c,
+        }) => assert_eq!((requested, c), (at, compacted)),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(r) => panic!("a read at a compacted revision must fail, got {r:?}"),
+    }
+    // From the compacted revision on, the history is complete.
+    let r = store.range_at("", None, 0, compacted).await.unwrap();
+    assert_eq!(r.revision, compacted);
+    let revision = store.revision();
+    match store.range_at("", None, 0, revision + 1).await {
+        Err(StoreError::FutureRevision { requested, current }) => {
+            assert_eq!((requested, current), (revision + 1, revision))
+        }
+        other => panic!("expected FutureRevision, got {other:?}"),
+    }
+    store.shutdown().await.unwrap();
+}
+
+/// `get_with_revision` reads the value and the revision from one snapshot: no write to the key
+/// lies after the value and at or before the revision, however the reads interleave with writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_with_revision_reads_value_and_revision_together() {
+    let dir = TempDir::new().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.fsync = false;
+    let store = open(cfg).await;
+    write1(&store, put("k", "0", Precondition::None)).await;
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut revisions = Vec::new();
+            for i in 1..=6000 {
+                let r = write1(&store, put("k", &i.to_string(), Precondition::None)).await;
+                revisions.push(ok_revision(&r));
+            }
+            revisions
+        })
+    };
+    let mut reads = Vec::new();
+    while !writer.is_finished() {
+        let (kv, revision) = store.get_with_revision("k").await.unwrap();
+        reads.push((kv.unwrap().mod_revision, revision));
+    }
+    let writes = writer.await.unwrap();
+    assert!(reads.len() > 100, "{} reads", reads.len());
+    for (mod_revision, revision) in reads {
+        assert!(mod_revision <= revision);
+        let missed: Vec<_> = writes
+            .iter()
+            .filter(|&&w| (mod_revision + 1..=revision).contains(&w))
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "read value @{mod_revision} with revision {revision}: writes {missed:?} in between"
+        );
+    }
+    store.shutdown().await.unwrap();
+}

@@ -9,16 +9,16 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 /// Fields drop in order: the agent stops before the server.
-struct Cluster {
-    agent: AgentProc,
-    server: ServerProc,
+pub(crate) struct Cluster {
+    pub(crate) agent: AgentProc,
+    pub(crate) server: ServerProc,
     _dir: tempfile::TempDir,
 }
 
 const NODE: &str = "node-1";
 
 impl Cluster {
-    async fn start(agent_extra: &[&str]) -> Cluster {
+    pub(crate) async fn start(agent_extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let server = ServerProc::start(&dir.path().join("server"), &[]).await;
         let mut extra = vec!["--backoff-base", "1s", "--lease-renew", "1s"];
@@ -31,12 +31,16 @@ impl Cluster {
         }
     }
 
-    fn push_file(&self, file: &std::path::Path, reference: &str) -> std::process::Output {
+    pub(crate) fn push_file(
+        &self,
+        file: &std::path::Path,
+        reference: &str,
+    ) -> std::process::Output {
         self.server
             .wasmctl(&["push", file.to_str().unwrap(), reference])
     }
 
-    fn push(&self, app: &str, reference: &str) -> String {
+    pub(crate) fn push(&self, app: &str, reference: &str) -> String {
         let out = self.push_file(&wasi_app(app), reference);
         assert!(out.status.success(), "push failed: {}", stderr(&out));
         let s = stdout(&out);
@@ -46,7 +50,7 @@ impl Cluster {
             .to_string()
     }
 
-    async fn create_pod(&self, pod: Value) {
+    pub(crate) async fn create_pod(&self, pod: Value) {
         let (code, body) = self
             .server
             .call(Method::POST, "/api/v1/namespaces/default/pods", Some(&pod))
@@ -54,7 +58,7 @@ impl Cluster {
         assert_eq!(code, 201, "{body}");
     }
 
-    async fn pod(&self, name: &str) -> Value {
+    pub(crate) async fn pod(&self, name: &str) -> Value {
         let (code, body) = self
             .server
             .call(
@@ -71,7 +75,7 @@ impl Cluster {
     }
 
     /// Waits until `pred` holds for the pod, returning it.
-    async fn wait_pod(
+    pub(crate) async fn wait_pod(
         &self,
         name: &str,
         what: &str,
@@ -89,19 +93,19 @@ impl Cluster {
         .await
     }
 
-    async fn wait_ready(&self, name: &str) -> Value {
+    pub(crate) async fn wait_ready(&self, name: &str) -> Value {
         self.wait_pod(name, "Ready", 60, is_ready).await
     }
 }
 
-fn is_ready(p: &Value) -> bool {
+pub(crate) fn is_ready(p: &Value) -> bool {
     p["status"]["conditions"].as_array().is_some_and(|cs| {
         cs.iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
     })
 }
 
-fn pod_ip(p: &Value) -> String {
+pub(crate) fn pod_ip(p: &Value) -> String {
     p["status"]["podIP"].as_str().expect("podIP").to_string()
 }
 

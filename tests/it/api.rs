@@ -630,6 +630,12 @@ async fn binding_subresource_binds_only_unbound_pods() {
         body["message"].as_str().unwrap().contains("target.name"),
         "{body}"
     );
+    // A pod binds only to a Node that exists.
+    let (code, body) = s.call(Method::POST, path, Some(&bind("node-a"))).await;
+    assert_eq!(code, 404, "{body}");
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}});
+    let (code, body) = s.call(Method::POST, "/api/v1/nodes", Some(&node)).await;
+    assert_eq!(code, 201, "{body}");
     let (code, body) = s.call(Method::POST, path, Some(&bind("node-a"))).await;
     assert_eq!(code, 201, "{body}");
     let (_, p) = s

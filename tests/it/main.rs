@@ -3,13 +3,19 @@
 
 mod agent;
 mod api;
+mod architecture;
 mod cli;
+mod consistent_list;
 mod controllers;
 mod dns;
 mod durability;
+mod hardening_api;
+mod hardening_endpoints;
 mod kubectl;
 mod nodes;
+mod podgc;
 mod proxy;
+mod sandbox;
 mod services;
 mod shop;
 mod support;

@@ -294,8 +294,23 @@ pub fn wasi_app(name: &str) -> PathBuf {
 /// A distinct pod CIDR (and node IP) per agent in this test process, so agents of tests
 /// running in parallel never hand out the same pod IP.
 pub fn next_node_octet() -> u8 {
-    static N: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(20);
-    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // 20..=249, skipping 127.96/16 and 127.97/16 (the default and the tests' service
+    // ranges): an agent refuses a pod CIDR that overlaps them.
+    const OCTETS: [u8; 228] = {
+        let mut out = [0u8; 228];
+        let (mut i, mut o) = (0, 20u8);
+        while i < out.len() {
+            if o != 96 && o != 97 {
+                out[i] = o;
+                i += 1;
+            }
+            o += 1;
+        }
+        out
+    };
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
+    OCTETS[n % OCTETS.len()]
 }
 
 /// A `wasmctl agent` child process.

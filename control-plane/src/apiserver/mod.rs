@@ -3,6 +3,7 @@
 //! Only this module knows HTTP. It decodes requests, calls [`Objects`], and encodes results
 //! and errors as Kubernetes JSON (`Status` for every failure).
 
+mod conn;
 mod discovery;
 mod scale;
 mod watch;
@@ -18,7 +19,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -34,7 +35,9 @@ use wasmctl_api::{FieldSelector, Selector};
 use crate::error::ApiError;
 use crate::modules::{self, ModuleError, ModuleRegistry, TagRef};
 use crate::objects::{ListOptions, Objects, Subresource};
+use conn::{ConnTracker, Expiry, TrackedBody, TrackedIo, IDLE_CLOSE_GRACE};
 
+pub use conn::ConnTimeouts;
 pub use discovery::arch;
 
 /// Largest request body accepted (kube-apiserver's limit is 3 MiB).
@@ -54,6 +57,8 @@ pub struct ApiConfig {
     pub bookmark_interval: Duration,
     /// Upper bound of a watch's lifetime when the client gives no `timeoutSeconds`.
     pub max_watch_duration: Duration,
+    /// Per-connection deadlines: TLS handshake, request header, idle, write stall.
+    pub timeouts: ConnTimeouts,
 }
 
 impl ApiConfig {
@@ -64,6 +69,7 @@ impl ApiConfig {
             max_watches: 2048,
             bookmark_interval: Duration::from_secs(60),
             max_watch_duration: Duration::from_secs(1800),
+            timeouts: ConnTimeouts::default(),
         }
     }
 }
@@ -83,6 +89,13 @@ pub struct ApiState {
 
 /// Serve until `shutdown` fires, then stop accepting, end watches, and wait for in-flight
 /// requests.
+///
+/// Every connection holds one of `max_connections` permits until it ends, so each ends on
+/// its own once its client goes quiet (`conn.rs` has the deadlines and why): the handshake,
+/// the first request's header and a header begun later are bounded, a connection with no
+/// request in flight closes after the idle timeout, and one whose client stops accepting
+/// our writes is dropped; HTTP/2 PINGs and TCP keepalive end connections whose peer
+/// vanished.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -90,6 +103,17 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let conns = Arc::new(Semaphore::new(state.config.max_connections));
+    let timeouts = state.config.timeouts;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's own HTTP/1 header timeout also runs while a kept-alive connection waits for
+    // its next request (it would be the idle timeout too), and never while the protocol is
+    // still being sniffed: the connection's deadlines are ours (`ConnTracker`).
+    builder.http1().header_read_timeout(None);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(conn::H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(conn::H2_KEEPALIVE_TIMEOUT);
     let tracker = TaskTracker::new();
     let shutdown = state.shutdown.clone();
     loop {
@@ -109,28 +133,39 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = conn::set_tcp_keepalive(&tcp) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP keepalive");
+        }
         let acceptor = acceptor.clone();
+        let builder = builder.clone();
         let state = state.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let svc = service_fn(move |req| {
+            let activity = ConnTracker::new(timeouts);
+            let io = TrackedIo::new(tcp, activity.clone());
+            let handshake = acceptor.accept(io);
+            let tls = match tokio::time::timeout(timeouts.tls_handshake, handshake).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            activity.handshake_done();
+            let requests = activity.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(state, req).await) }
+                let in_flight = requests.request_started(req.version() == http::Version::HTTP_2);
+                async move {
+                    let resp = handle(state, req).await;
+                    Ok::<_, Infallible>(resp.map(|b| TrackedBody::new(b, in_flight)))
+                }
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -142,6 +177,15 @@ pub async fn serve(
                 _ = shutdown.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+                }
+                why = activity.expired() => {
+                    tracing::debug!(%peer, ?why, "closing the connection");
+                    if why == Expiry::Idle {
+                        // Nothing in flight: an HTTP/1 connection closes at once, HTTP/2
+                        // sends GOAWAY. Half-read headers and stalled writes are dropped.
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await;
+                    }
                 }
             }
         });

@@ -4,7 +4,9 @@
 //!
 //! Bounded: the number of watches is capped by a semaphore; each watch has a small frame
 //! queue, and a client that does not read falls behind the store's broadcast buffer and is
-//! ended with a 410 `Expired` error event.
+//! ended with a 410 `Expired` error event. A watch ends at its deadline and at shutdown even
+//! while its client is not reading (its queue full), releasing its slot and its place in the
+//! broadcast ring.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use wasmctl_api::registry::ResourceInfo;
 use wasmctl_api::table::{self, IncludeObject};
 use wasmctl_store::{EventKind, WatchEvent};
@@ -69,6 +73,23 @@ impl Encoder {
             serde_json::to_vec(&json!({"type": "BOOKMARK", "object": obj})).expect("serialises");
         line.push(b'\n');
         Bytes::from(line)
+    }
+}
+
+/// Queue one frame for the client. False when the watch is over: the client went away, or
+/// the deadline passed or the server began shutting down — also while the queue is full
+/// because the client stopped reading, so a stalled client cannot hold its watch slot (and
+/// the store's broadcast ring) past its deadline.
+async fn send(
+    tx: &mpsc::Sender<Bytes>,
+    frame: Bytes,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        r = tx.send(frame) => r.is_ok(),
+        _ = tokio::time::sleep_until(deadline) => false,
+        _ = shutdown.cancelled() => false,
     }
 }
 
@@ -154,17 +175,20 @@ pub async fn watch(
         sent_columns: false,
     };
     // The producer ends when the client goes away (send fails), the deadline passes, the
-    // server shuts down, or the watch falls behind.
+    // server shuts down (also while it waits for room in the queue), or the watch falls
+    // behind.
     tokio::spawn(async move {
         let _permit = permit;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         let mut last_rev = start_rev;
         for obj in &initial {
-            if tx.send(enc.event("ADDED", obj)).await.is_err() {
+            if !send(&tx, enc.event("ADDED", obj), deadline, &shutdown).await {
                 return;
             }
         }
-        if send_initial == Some(true) && tx.send(enc.bookmark(start_rev, true)).await.is_err() {
+        if send_initial == Some(true)
+            && !send(&tx, enc.bookmark(start_rev, true), deadline, &shutdown).await
+        {
             return;
         }
         let mut ticker =
@@ -175,7 +199,7 @@ pub async fn watch(
                 _ = tokio::time::sleep_until(deadline) => return,
                 _ = tx.closed() => return,
                 _ = ticker.tick(), if bookmarks => {
-                    if tx.send(enc.bookmark(last_rev, false)).await.is_err() {
+                    if !send(&tx, enc.bookmark(last_rev, false), deadline, &shutdown).await {
                         return;
                     }
                 }
@@ -184,13 +208,13 @@ pub async fn watch(
                     Some(Err(e)) => {
                         let err = ApiError::from(e);
                         let st = serde_json::to_value(err.to_status()).expect("status serialises");
-                        let _ = tx.send(enc.event("ERROR", &st)).await;
+                        send(&tx, enc.event("ERROR", &st), deadline, &shutdown).await;
                         return;
                     }
                     Some(Ok(ev)) => {
                         last_rev = ev.revision;
                         if let Some((t, obj)) = translate(&objects, &list_opts, &ev) {
-                            if tx.send(enc.event(t, &obj)).await.is_err() {
+                            if !send(&tx, enc.event(t, &obj), deadline, &shutdown).await {
                                 return;
                             }
                         }

@@ -12,6 +12,7 @@ pub mod deployment;
 pub mod endpoints;
 pub mod gc;
 pub mod nodelifecycle;
+pub mod podgc;
 pub mod queue;
 pub mod replicaset;
 
@@ -42,6 +43,11 @@ pub struct ControllerConfig {
     /// A node whose Lease is not renewed for this long becomes `Ready=Unknown` and is tainted
     /// unreachable (`--node-monitor-grace-period`).
     pub node_monitor_grace_period: Duration,
+    /// How long a node must stay missing before PodGC deletes the pods bound to it (kube's
+    /// 40 s quarantine; `--pod-gc-quarantine`).
+    pub pod_gc_quarantine: Duration,
+    /// Terminated pods PodGC keeps; 0 keeps them all (`--terminated-pod-gc-threshold`).
+    pub terminated_pod_gc_threshold: usize,
 }
 
 impl Default for ControllerConfig {
@@ -49,6 +55,8 @@ impl Default for ControllerConfig {
         ControllerConfig {
             resync: Duration::from_secs(30),
             node_monitor_grace_period: Duration::from_secs(40),
+            pod_gc_quarantine: podgc::DEFAULT_QUARANTINE,
+            terminated_pod_gc_threshold: podgc::DEFAULT_TERMINATED_THRESHOLD,
         }
     }
 }
@@ -311,6 +319,22 @@ pub fn start(objects: Objects, cfg: ControllerConfig, shutdown: CancellationToke
         gc::GarbageCollector::new(ctx.clone()),
         ctx,
         gc_queue,
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    let pgc_queue = WorkQueue::new();
+    podgc::watch(&cache, &pgc_queue);
+    // Its one key is queued from the start, then every GC_PERIOD (and on the changes above).
+    pgc_queue.add(podgc::KEY);
+    let ctx = Ctx::new(objects.clone(), cache.clone());
+    let settings = podgc::Settings {
+        quarantine: cfg.pod_gc_quarantine,
+        terminated_threshold: cfg.terminated_pod_gc_threshold,
+    };
+    tasks.spawn(run(
+        podgc::PodGc::new(ctx.clone(), settings),
+        ctx,
+        pgc_queue,
         cfg.clone(),
         shutdown.clone(),
     ));

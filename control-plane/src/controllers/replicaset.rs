@@ -75,17 +75,56 @@ fn is_owned_by(meta: &ObjectMeta, uid: &str) -> bool {
     meta.controller().is_some_and(|o| o.uid == uid)
 }
 
+/// The set's selector; `None` (select nothing) if it is missing, invalid or empty.
+fn selector(rs: &ReplicaSet) -> Option<Selector> {
+    rs.spec
+        .selector
+        .as_ref()
+        .and_then(|s| Selector::from_label_selector(s).ok())
+        .filter(|s| !s.is_empty())
+}
+
+/// Whether a pod may be adopted by a set with `selector` (Kubernetes' ControllerRefManager):
+/// it matches, is not being deleted and has no controller ownerReference. Other, non-controller
+/// owner references do not prevent adoption (they are kept, see [`adopt`]). The one rule both
+/// [`plan`] (which counts the pod as a replica) and the adoption write ([`adopt`]) apply, so
+/// a pod is never counted, or deleted on scale-down, unless the write takes it.
+fn adoptable(meta: &ObjectMeta, selector: &Selector) -> bool {
+    selector.matches(&meta.labels)
+        && meta.controller().is_none()
+        && meta.deletion_timestamp.is_none()
+}
+
+/// The adoption write: `cur` (the stored pod) with `rs` added as its controller
+/// (`controller: true`, `blockOwnerDeletion: true`) next to the owner references it already
+/// has; refused if the pod is no longer [`adoptable`] (it gained a controller, is being
+/// deleted, or no longer matches).
+pub fn adopt(rs: &ReplicaSet, cur: &Value) -> Result<Value, ApiError> {
+    let refused = || ApiError::BadRequest("no longer an orphan".into());
+    let meta: ObjectMeta =
+        serde_json::from_value(cur["metadata"].clone()).map_err(|_| refused())?;
+    let selector = selector(rs).ok_or_else(refused)?;
+    if rs.metadata.deletion_timestamp.is_some() || !adoptable(&meta, &selector) {
+        return Err(refused());
+    }
+    let owner = new_pod(rs)["metadata"]["ownerReferences"][0].clone();
+    let mut refs: Vec<Value> = cur["metadata"]["ownerReferences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    // A non-controller reference to this set becomes the controller reference.
+    refs.retain(|o| o["uid"] != owner["uid"]);
+    refs.push(owner);
+    let mut next = cur.clone();
+    next["metadata"]["ownerReferences"] = Value::Array(refs);
+    Ok(next)
+}
+
 /// The decision for `rs`, given every pod of its namespace.
 pub fn plan(rs: &ReplicaSet, pods: &[Pod], now: DateTime<Utc>) -> RsPlan {
     let mut out = RsPlan::default();
     let uid = rs.metadata.uid.as_deref().unwrap_or_default();
-    let selector = rs
-        .spec
-        .selector
-        .as_ref()
-        .and_then(|s| Selector::from_label_selector(s).ok())
-        .filter(|s| !s.is_empty());
-    let Some(selector) = selector else {
+    let Some(selector) = selector(rs) else {
         return out;
     };
     let deleting = rs.metadata.deletion_timestamp.is_some();
@@ -98,11 +137,7 @@ pub fn plan(rs: &ReplicaSet, pods: &[Pod], now: DateTime<Utc>) -> RsPlan {
             } else {
                 out.release.push(p.metadata.name.clone());
             }
-        } else if matches
-            && !deleting
-            && p.metadata.controller().is_none()
-            && p.metadata.deletion_timestamp.is_none()
-        {
+        } else if !deleting && adoptable(&p.metadata, &selector) {
             out.adopt.push(p.metadata.name.clone());
             mine.push(p);
         }
@@ -231,7 +266,8 @@ pub fn new_pod(rs: &ReplicaSet) -> Value {
 }
 
 /// Enqueues the ReplicaSets a change concerns: the changed ReplicaSet itself, a pod's owner,
-/// and for an orphan pod every ReplicaSet of its namespace (one of them may adopt it).
+/// and for an orphan pod (no controller reference; it may have others) every ReplicaSet of
+/// its namespace (one of them may adopt it).
 pub fn watch(cache: &Cache, queue: &WorkQueue) {
     let rs_prefix = replicasets().key_prefix(None);
     let pod_prefix = pods().key_prefix(None);
@@ -243,7 +279,7 @@ pub fn watch(cache: &Cache, queue: &WorkQueue) {
             for obj in [ch.old, ch.new].into_iter().flatten() {
                 match controller_key(obj, replicasets()) {
                     Some(k) => q.add(&k),
-                    None if obj["metadata"]["ownerReferences"].is_null() => {
+                    None if !has_controller_ref(obj) => {
                         if let Some(ns) = obj["metadata"]["namespace"].as_str() {
                             for k in cache.keys(&replicasets().key_prefix(Some(ns))) {
                                 q.add(&k);
@@ -255,6 +291,13 @@ pub fn watch(cache: &Cache, queue: &WorkQueue) {
             }
         }
     });
+}
+
+/// Whether a stored object lists an ownerReference with `controller: true` (of any kind).
+fn has_controller_ref(obj: &Value) -> bool {
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .is_some_and(|refs| refs.iter().any(|o| o["controller"] == Value::Bool(true)))
 }
 
 pub struct ReplicaSetController {
@@ -303,20 +346,19 @@ impl ReplicaSetController {
     async fn apply(&self, rs: &ReplicaSet, ns: &str, p: &RsPlan) -> Result<(), ApiError> {
         let uid = rs.metadata.uid.clone().unwrap_or_default();
         let ctx = &self.ctx;
+        // Pods whose adoption was refused or that are gone: the plan counted them, but this set
+        // does not own them, so they are never deleted (their change requeues this set).
+        let mut not_adopted: Vec<&str> = Vec::new();
         for name in &p.adopt {
-            let owner = new_pod(rs)["metadata"]["ownerReferences"][0].clone();
             let res = ctx
-                .update(pods(), Some(ns), name, |cur| {
-                    if !cur["metadata"]["ownerReferences"].is_null()
-                        || cur["metadata"]["deletionTimestamp"].is_string()
-                    {
-                        return Err(ApiError::BadRequest("no longer an orphan".into()));
-                    }
-                    let mut next = cur.clone();
-                    next["metadata"]["ownerReferences"] = json!([owner]);
-                    Ok(next)
-                })
+                .update(pods(), Some(ns), name, |cur| adopt(rs, cur))
                 .await;
+            if matches!(
+                res,
+                Err(ApiError::NotFound { .. }) | Err(ApiError::BadRequest(_))
+            ) {
+                not_adopted.push(name);
+            }
             ignore_gone(res)?;
         }
         for name in &p.release {
@@ -325,6 +367,11 @@ impl ReplicaSetController {
                     let mut next = cur.clone();
                     if let Some(refs) = next["metadata"]["ownerReferences"].as_array_mut() {
                         refs.retain(|o| o["uid"] != uid.as_str());
+                        if refs.is_empty() {
+                            if let Some(m) = next["metadata"].as_object_mut() {
+                                m.remove("ownerReferences");
+                            }
+                        }
                     }
                     Ok(next)
                 })
@@ -347,7 +394,13 @@ impl ReplicaSetController {
         if !p.delete.is_empty() {
             let opts = DeleteOptions::default();
             let opts = &opts;
-            let results: Vec<_> = stream::iter(p.delete.clone())
+            let delete: Vec<String> = p
+                .delete
+                .iter()
+                .filter(|n| !not_adopted.contains(&n.as_str()))
+                .cloned()
+                .collect();
+            let results: Vec<_> = stream::iter(delete)
                 .map(|name| async move { ctx.delete(pods(), Some(ns), &name, opts).await })
                 .buffer_unordered(CONCURRENCY)
                 .collect()
@@ -542,6 +595,96 @@ mod tests {
         assert_eq!(p.release, vec!["relabeled"]);
         assert_eq!(p.create, 0);
         assert_eq!(p.status.replicas, 1);
+    }
+
+    /// Item 19 (issue 11): a matching pod with only non-controller owner references is
+    /// counted by `plan` and must be taken by the adoption write (kube keeps the other
+    /// references and adds a controller one); a pod with another controller is never
+    /// adopted, counted or deleted.
+    #[test]
+    fn plan_and_adoption_write_agree_on_pods_with_non_controller_owners() {
+        let non_controller = |uid: &str, controller: Option<bool>| OwnerReference {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            name: "cfg".into(),
+            uid: uid.into(),
+            controller,
+            block_owner_deletion: None,
+        };
+        let mut shared = pod("shared", None, Some("n1"), Some(0));
+        shared
+            .metadata
+            .owner_references
+            .push(non_controller("cm-uid", None));
+        let mut weak = pod("weak", None, Some("n1"), Some(0));
+        weak.metadata
+            .owner_references
+            .push(non_controller("cm-uid", Some(false)));
+        // Listed by this very set, but not as its controller.
+        let mut ours_weakly = pod("ours-weakly", None, Some("n1"), Some(0));
+        let mut r = non_controller("rs-uid", Some(false));
+        r.kind = "ReplicaSet".into();
+        ours_weakly.metadata.owner_references.push(r);
+        let orphan = pod("orphan", None, Some("n1"), Some(0));
+        let mut foreign = pod("foreign", Some("other-uid"), Some("n1"), Some(0));
+        foreign
+            .metadata
+            .owner_references
+            .insert(0, non_controller("cm-uid", None));
+        let mut going = pod("going", None, Some("n1"), Some(0));
+        going.metadata.deletion_timestamp = Some(Time(t(50)));
+        let mut other_app = pod("other-app", None, Some("n1"), Some(0));
+        other_app.metadata.labels = labels(&[("app", "db")]);
+        let all = vec![shared, weak, ours_weakly, orphan, foreign, going, other_app];
+
+        let set = rs(4);
+        let p = plan(&set, &all, t(100));
+        assert_eq!(p.adopt, vec!["shared", "weak", "ours-weakly", "orphan"]);
+        assert_eq!(p.status.replicas, 4);
+        // The write takes exactly the pods the plan counts.
+        for pod in &all {
+            let cur = serde_json::to_value(pod).unwrap();
+            let planned = p.adopt.contains(&pod.metadata.name);
+            let written = adopt(&set, &cur);
+            assert_eq!(
+                written.is_ok(),
+                planned,
+                "{}: plan adopts {planned}, write {written:?}",
+                pod.metadata.name
+            );
+            let Ok(next) = written else { continue };
+            let refs: Vec<OwnerReference> =
+                serde_json::from_value(next["metadata"]["ownerReferences"].clone()).unwrap();
+            let others: Vec<&OwnerReference> = pod
+                .metadata
+                .owner_references
+                .iter()
+                .filter(|o| o.uid != "rs-uid")
+                .collect();
+            assert_eq!(refs.len(), others.len() + 1, "{}", pod.metadata.name);
+            for o in others {
+                assert!(refs.contains(o), "{}: kept {o:?}", pod.metadata.name);
+            }
+            let ours: Vec<&OwnerReference> = refs.iter().filter(|o| o.uid == "rs-uid").collect();
+            assert_eq!(ours.len(), 1);
+            assert_eq!(ours[0].kind, "ReplicaSet");
+            assert_eq!(ours[0].name, "web-abc");
+            assert_eq!(ours[0].controller, Some(true));
+            assert_eq!(ours[0].block_owner_deletion, Some(true));
+            // Once adopted the pod is this set's own.
+            let adopted: Pod = serde_json::from_value(next).unwrap();
+            assert!(plan(&set, &[adopted], t(100)).adopt.is_empty());
+        }
+        // A deleting set adopts nothing, in the plan or the write.
+        let mut deleting = rs(4);
+        deleting.metadata.deletion_timestamp = Some(Time(t(1)));
+        assert!(adopt(&deleting, &serde_json::to_value(&all[3]).unwrap()).is_err());
+
+        // Scale-down only ever deletes pods the set controls or adopts, never `foreign`.
+        let p = plan(&rs(0), &all, t(100));
+        let mut deleted = p.delete.clone();
+        deleted.sort();
+        assert_eq!(deleted, vec!["orphan", "ours-weakly", "shared", "weak"]);
     }
 
     #[test]

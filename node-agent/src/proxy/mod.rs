@@ -23,6 +23,10 @@
 //!   that is terminating gets none while another endpoint is ready.
 //! - **Bounds**: connections per listener (`--proxy-max-connections`, a semaphore), pooled
 //!   connections per endpoint, the affinity tables; bodies stream through unbuffered.
+//! - **Known gaps**: a request *with a body* that meets the keep-alive race with a pod being
+//!   stopped on another node fails with 502 (only bodiless GET/HEAD/OPTIONS are replayed);
+//!   `Upgrade` is not forwarded in HTTP mode; `https://SERVICE` from a pod is egress, not
+//!   routed; a ClusterIP port below 1024 needs `CAP_NET_BIND_SERVICE` (the bind is retried).
 
 pub mod balance;
 pub mod pool;
@@ -43,7 +47,7 @@ use tokio_util::task::TaskTracker;
 
 pub use router::{ForwardError, Router};
 
-use crate::runtime::pod::plain;
+use crate::net::plain;
 use crate::services::{PortInfo, ServiceEntry, ServiceSnapshot, ServiceType};
 use balance::BalanceError;
 
@@ -543,10 +547,7 @@ mod tests {
         };
         let table = ServiceTable::new();
         table.publish(snapshot(&eps));
-        let router = Router::new(
-            table.clone(),
-            Arc::new(crate::runtime::PodDirectory::default()),
-        );
+        let router = Router::new(table.clone(), Arc::new(crate::net::NoLocalEndpoints));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(
             router.clone(),

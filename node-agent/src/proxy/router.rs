@@ -1,8 +1,9 @@
 //! Forwarding to a Service's endpoints, shared by the proxy's listeners and by pods' outgoing
-//! traffic: pick an endpoint ([`Balancer`]), then serve the request in-process when the
-//! endpoint is a sandbox of this node (no socket), or send it to `podIP:port` over a pooled
-//! connection otherwise (on one host every pod IP is on loopback; the other node's agent
-//! serves it in-process there).
+//! traffic (the [`Router`] is the runtime's [`ServiceRouter`]): pick an endpoint
+//! ([`Balancer`]), then serve the request in-process when the endpoint is a sandbox of this
+//! node ([`LocalEndpoints`], no socket), or send it to `podIP:port` over a pooled connection
+//! otherwise (on one host every pod IP is on loopback; the other node's agent serves it
+//! in-process there).
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
@@ -18,9 +19,8 @@ use wasmtime_wasi_http::WasiBody;
 
 use super::balance::{Attempt, BalanceError, Balancer, Lease};
 use super::pool::{Pool, SendError, CONNECT_TIMEOUT};
-use crate::runtime::sockets::ServiceLookup;
-use crate::runtime::PodDirectory;
-use crate::services::{Backend, PortInfo, ServiceEntry, ServiceTable};
+use crate::net::{BoxFuture, LocalEndpoints, Routed, ServiceRouter};
+use crate::services::{Backend, PortInfo, ServiceEntry, ServiceSnapshot, ServiceTable};
 
 /// Why a request or connection to a Service got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +43,13 @@ pub enum ForwardError {
 /// The node's service router.
 pub struct Router {
     table: Arc<ServiceTable>,
-    pods: Arc<PodDirectory>,
+    pods: Arc<dyn LocalEndpoints>,
     balancer: Balancer,
     pool: Pool,
 }
 
 impl Router {
-    pub fn new(table: Arc<ServiceTable>, pods: Arc<PodDirectory>) -> Arc<Router> {
+    pub fn new(table: Arc<ServiceTable>, pods: Arc<dyn LocalEndpoints>) -> Arc<Router> {
         Arc::new(Router {
             table,
             pods,
@@ -62,29 +62,9 @@ impl Router {
         &self.table
     }
 
-    /// Whether `addr`'s IP is some Service's ClusterIP (pods may connect there).
-    pub fn is_cluster_ip(&self, addr: SocketAddr) -> bool {
-        match addr.ip() {
-            IpAddr::V4(ip) => self.table.snapshot().is_cluster_ip(ip),
-            IpAddr::V6(_) => false,
-        }
-    }
-
-    /// Service name → ClusterIP, as seen from a pod of `namespace`.
-    pub fn name_lookup(self: &Arc<Self>, namespace: &str) -> ServiceLookup {
-        let table = self.table.clone();
-        let ns = namespace.to_string();
-        Arc::new(move |name: &str| {
-            table
-                .snapshot()
-                .resolve_host(name, &ns)
-                .and_then(|s| s.cluster_ip)
-        })
-    }
-
     /// A local endpoint whose pod is being stopped: no new requests while others serve.
     fn draining(&self, b: &Backend) -> bool {
-        self.pods.get(b.ip).is_some_and(|p| p.is_terminating())
+        self.pods.endpoint(b.ip).is_some_and(|p| p.is_terminating())
     }
 
     /// Forwards one HTTP request to an endpoint of `port`. The response body streams through
@@ -125,11 +105,14 @@ impl Router {
         req: Request<WasiBody>,
     ) -> Attempt<Request<WasiBody>, Result<Response<WasiBody>, (SocketAddrV4, String)>> {
         let addr = lease.backend.addr();
-        if let Some(pod) = self.pods.get(lease.backend.ip) {
+        if let Some(pod) = self.pods.endpoint(lease.backend.ip) {
             if pod.serves_http(addr.port()) {
                 // In-process: straight into the component, no socket.
-                let resp = pod.handle_http(addr.port(), req).await;
+                let resp = pod.serve_http(addr.port(), req).await;
                 return Attempt::Done(Ok(hold(resp, lease)));
+            }
+            if !pod.listens(addr.port()) {
+                return Attempt::NotSent(req, format!("{addr}: nothing of the pod listens there"));
             }
         }
         match self.pool.send(addr, req).await {
@@ -157,6 +140,16 @@ impl Router {
         self.balancer
             .balance(svc, port, client, &draining, (), |lease, ()| async move {
                 let addr = lease.backend.addr();
+                if self
+                    .pods
+                    .endpoint(lease.backend.ip)
+                    .is_some_and(|p| !p.listens(addr.port()))
+                {
+                    return Attempt::NotSent(
+                        (),
+                        format!("{addr}: nothing of the pod listens there"),
+                    );
+                }
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                     Ok(Ok(s)) => Attempt::Done((s, lease)),
                     Ok(Err(e)) => Attempt::NotSent((), format!("connect {addr}: {e}")),
@@ -184,6 +177,102 @@ impl Router {
 
     pub async fn shutdown(&self) {
         self.pool.shutdown().await;
+    }
+}
+
+impl ServiceRouter for Router {
+    /// A Service's `clusterIP:port` — only the ports the Service declares.
+    fn is_service_addr(&self, addr: SocketAddr) -> bool {
+        match addr {
+            SocketAddr::V4(v4) => self.table.snapshot().by_cluster_ip(v4).is_some(),
+            SocketAddr::V6(_) => false,
+        }
+    }
+
+    fn resolve(&self, namespace: &str, name: &str) -> Option<std::net::Ipv4Addr> {
+        self.table
+            .snapshot()
+            .resolve_host(name, namespace)
+            .and_then(|s| s.cluster_ip)
+    }
+
+    fn route_http<'a>(
+        &'a self,
+        namespace: &'a str,
+        host: &'a str,
+        port: Option<u16>,
+        client: std::net::Ipv4Addr,
+        req: Request<WasiBody>,
+    ) -> BoxFuture<'a, Routed> {
+        Box::pin(async move {
+            let snap = self.table.snapshot();
+            match service_target(&snap, host, port, namespace) {
+                ServiceTarget::None => Routed::NotService(req),
+                ServiceTarget::NoSuchPort => {
+                    tracing::debug!(client = %client, host = %host, "no such service port");
+                    Routed::Refused
+                }
+                ServiceTarget::Port(svc, port) => {
+                    match self
+                        .forward_http(svc, port, Some(IpAddr::V4(client)), req)
+                        .await
+                    {
+                        Ok(resp) => Routed::Response(resp),
+                        Err(e) => {
+                            tracing::debug!(client = %client, error = %e, "service request failed");
+                            match e {
+                                // Nothing could be reached (no ready endpoint — a Kubernetes
+                                // Service without endpoints rejects connections).
+                                ForwardError::Balance { .. } => Routed::Refused,
+                                // The endpoint failed mid-exchange.
+                                ForwardError::Upstream { .. } => Routed::Reset,
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// What the host of an outgoing request is, Service-wise.
+#[derive(Debug)]
+pub enum ServiceTarget<'a> {
+    /// A Service port.
+    Port(&'a Arc<ServiceEntry>, &'a PortInfo),
+    /// A Service without that port: the request is refused, as a connection to a closed
+    /// port would be.
+    NoSuchPort,
+    /// Not a Service.
+    None,
+}
+
+/// The Service port an outgoing `http://HOST[:PORT]` request of a pod in `namespace` is
+/// for: a Service name or a ClusterIP; without a port, the Service's port 80 or else its
+/// first port.
+pub fn service_target<'a>(
+    snap: &'a ServiceSnapshot,
+    host: &str,
+    port: Option<u16>,
+    namespace: &str,
+) -> ServiceTarget<'a> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+        return match snap.by_cluster_ip(SocketAddrV4::new(ip, port.unwrap_or(80))) {
+            Some((s, p)) => ServiceTarget::Port(s, p),
+            None => ServiceTarget::None,
+        };
+    }
+    let Some(svc) = snap.resolve_host(host, namespace) else {
+        return ServiceTarget::None;
+    };
+    let p = match port {
+        Some(p) => svc.port_number(p),
+        None => svc.default_port(),
+    };
+    match p {
+        Some(p) => ServiceTarget::Port(svc, p),
+        None => ServiceTarget::NoSuchPort,
     }
 }
 
@@ -315,5 +404,67 @@ mod tests {
         assert_eq!(r.headers()[header::HOST], "127.0.0.1:30080");
         let names: Vec<&str> = r.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn service_targets() {
+        use crate::services::{
+            Backend, PortInfo, ServiceEntry, ServiceKey, ServiceType, SessionAffinity,
+        };
+        let port = |name: &str, port: u16| PortInfo {
+            name: name.into(),
+            port,
+            target_port: port.to_string(),
+            node_port: None,
+            protocol: "TCP".into(),
+            app_protocol: None,
+            endpoints: Vec::<Backend>::new().into(),
+        };
+        let snap = ServiceSnapshot::from_entries(
+            vec![
+                ServiceEntry {
+                    key: ServiceKey::new("shop", "cart"),
+                    type_: ServiceType::ClusterIP,
+                    cluster_ip: Some(std::net::Ipv4Addr::new(127, 96, 0, 5)),
+                    ports: vec![port("grpc", 9000), port("http", 80)],
+                    session_affinity: SessionAffinity::None,
+                    not_ready: vec![],
+                },
+                ServiceEntry {
+                    key: ServiceKey::new("other", "db"),
+                    type_: ServiceType::ClusterIP,
+                    cluster_ip: Some(std::net::Ipv4Addr::new(127, 96, 0, 6)),
+                    ports: vec![port("", 5432)],
+                    session_affinity: SessionAffinity::None,
+                    not_ready: vec![],
+                },
+            ],
+            true,
+            1,
+        );
+        let t = |host: &str, p: Option<u16>| match service_target(&snap, host, p, "shop") {
+            ServiceTarget::Port(s, p) => Ok(Some((s.key.to_string(), p.port))),
+            ServiceTarget::NoSuchPort => Err(()),
+            ServiceTarget::None => Ok(None),
+        };
+        let hit = |k: &str, p: u16| Ok(Some((k.to_string(), p)));
+        assert_eq!(t("cart", None), hit("shop/cart", 80));
+        assert_eq!(t("cart", Some(9000)), hit("shop/cart", 9000));
+        assert_eq!(t("cart.shop", None), hit("shop/cart", 80));
+        assert_eq!(
+            t("cart.shop.svc.cluster.local", Some(80)),
+            hit("shop/cart", 80)
+        );
+        assert_eq!(
+            t("cart", Some(81)),
+            Err(()),
+            "a port the service lacks is refused"
+        );
+        assert_eq!(t("db", None), Ok(None), "db is in another namespace");
+        assert_eq!(t("db.other", None), hit("other/db", 5432), "the first port");
+        assert_eq!(t("127.96.0.5", Some(9000)), hit("shop/cart", 9000));
+        assert_eq!(t("127.96.0.5", None), hit("shop/cart", 80));
+        assert_eq!(t("127.96.0.6", Some(1)), Ok(None));
+        assert_eq!(t("example.com", None), Ok(None));
     }
 }

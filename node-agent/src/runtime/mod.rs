@@ -1,19 +1,51 @@
 //! The wasmtime side of the agent: one [`Engine`] per agent, one [`Linker`] for every guest,
 //! an on-disk cache of compiled components, and the per-pod sandbox (see [`pod`]).
 //!
-//! Shape (see ARCHITECTURE.md, "A pod in wasmtime"):
-//! - a container is one component, pre-instantiated once per module digest
-//!   ([`LoadedComponent`]); every replica of the same module shares it;
-//! - a `wasi:http/proxy` container gets a fresh Store + instance per request (from the pooling
-//!   allocator, with copy-on-write memory images), a `wasi:cli/command` container one Store for
-//!   its whole run;
-//! - all Stores of a pod share one memory budget and one CPU quota ([`limits`]) and one
-//!   loopback identity (the pod IP, [`sockets`]).
+//! - **One `Engine` per agent**: pooling allocator (slots for `--instance-slots` concurrent
+//!   instances), copy-on-write memory images, epoch interruption with a 5 ms tick thread. One
+//!   `Linker` for every guest: WASI p2 + wasi:http, with `wasi:sockets/{tcp,udp,ip-name-lookup}`
+//!   shadowed by [`sockets`].
+//! - **One compiled, pre-instantiated component per module digest** ([`LoadedComponent`]: an
+//!   `InstancePre`, plus a `ProxyPre` for HTTP); every replica of the same module shares it.
+//!   Compiles go through an on-disk cache keyed by digest + the engine's compatibility hash
+//!   (`DATA/compiled/`), so a second replica or an agent restart never recompiles. The kind is
+//!   read from the exports: `wasi:http/incoming-handler` → served per request; `wasi:cli/run`
+//!   → a long-running or run-to-completion command.
+//! - **A pod is one sandbox** ([`pod::PodSandbox`]), not one Store: a Store holds what a guest
+//!   allocated until it is dropped, and calls need `&mut Store`, so each HTTP request gets a
+//!   fresh Store + instance (~tens of µs from the pool) and each command one Store for its run.
+//!   What makes them one pod is shared: the **pod IP** (every pod its own address in 127/8 —
+//!   the guest's `127.0.0.1`/`0.0.0.0` binds and connects are rewritten to it, and addresses
+//!   are mapped back on the way out, so pods never collide on ports; [`sockets`]), the
+//!   **memory budget** (a `ResourceLimiter` per Store charging one atomic pod counter; growth
+//!   past `limits.memory` traps with `OOMKilled`; [`limits`]), the **CPU quota** (the epoch
+//!   callback charges a tick to the pod and, past `limits.cpu` × 100 ms per 100 ms period,
+//!   parks the guest until the period ends; every guest yields its thread every tick, so a
+//!   spinning pod cannot starve others), the **routing table** (`containerPort` → HTTP
+//!   component: an outgoing `http://localhost:PORT` request is answered by the sibling's
+//!   `ProxyPre` in-process, no socket; [`http`]), and the **bounds** (concurrent requests,
+//!   connections, request timeout, handles per Store).
+//! - **Services from inside a pod** go through the node's [`crate::net::ServiceRouter`]
+//!   (installed by the agent; the proxy implements it): wasi:http requests to a Service name
+//!   or ClusterIP are balanced like proxied requests, `ip-name-lookup` resolves Service names
+//!   to the ClusterIP, and TCP connects to ClusterIPs are allowed. Service traffic is
+//!   in-cluster: allowed whatever `wasmctl.dev/egress` says. Nothing else outside the pod is
+//!   reachable unless that annotation lists hosts or `*`. No host files are visible except
+//!   `emptyDir` volumes (preopened per mount).
+//! - Guests run on the process's tokio workers (async wasmtime); the runtime polls I/O every 2
+//!   task polls (`event_interval(2)` in `src/main.rs`) so that workers busy with 5 ms guest
+//!   slices still accept and answer connections promptly (BENCHMARKS.md, isolation).
+//! - stdout/stderr go line by line, timestamped, into a bounded ring per container and a
+//!   rotated file ([`logs`]).
+//!
+//! This module never imports the Service proxy: it meets it only at [`crate::net`].
 
+pub mod egress;
 pub mod http;
 pub mod limits;
 pub mod logs;
 pub mod pod;
+pub mod reach;
 pub mod sockets;
 pub mod state;
 
@@ -32,6 +64,7 @@ use wasmtime::Result;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::net::{LocalEndpoint, LocalEndpoints, ServiceRouter};
 use pod::PodSandbox;
 use state::GuestState;
 
@@ -48,6 +81,8 @@ pub struct RuntimeConfig {
     pub instance_slots: u32,
     /// Largest linear memory one instance may have, whatever the pod's limit says.
     pub max_instance_memory: usize,
+    /// The node's own addresses: never egress for a pod ([`reach::never_egress`]).
+    pub node_ips: Vec<std::net::IpAddr>,
 }
 
 /// What a component is, told from its exports.
@@ -109,12 +144,14 @@ pub struct Runtime {
     ticker: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Every live sandbox of this node by pod IP (the proxy's in-process path).
     pub pods: Arc<PodDirectory>,
+    node_ips: Arc<[std::net::IpAddr]>,
     /// Service routing for outgoing traffic of pods (set once when the agent starts).
-    router: OnceLock<Arc<crate::proxy::Router>>,
+    router: OnceLock<Arc<dyn ServiceRouter>>,
 }
 
 /// The node's pod IP → sandbox map: how the proxy and in-pod service routing find an endpoint
-/// that runs on this node, to serve it in-process. Sandboxes register themselves when built
+/// that runs on this node, to serve it in-process (the proxy sees it as
+/// [`LocalEndpoints`]). Sandboxes register themselves when built
 /// ([`PodSandbox::new`]) and leave when dropped.
 #[derive(Default)]
 pub struct PodDirectory {
@@ -145,6 +182,12 @@ impl PodDirectory {
         if pods.get(&ip).is_some_and(|w| w.as_ptr() == ptr) {
             pods.remove(&ip);
         }
+    }
+}
+
+impl LocalEndpoints for PodDirectory {
+    fn endpoint(&self, ip: Ipv4Addr) -> Option<Arc<dyn LocalEndpoint>> {
+        self.get(ip).map(|p| p as Arc<dyn LocalEndpoint>)
     }
 }
 
@@ -208,18 +251,24 @@ impl Runtime {
             ticker_stop,
             ticker: Mutex::new(Some(ticker)),
             pods: Arc::new(PodDirectory::default()),
+            node_ips: Arc::from(cfg.node_ips.clone()),
             router: OnceLock::new(),
         }))
     }
 
     /// Installs the node's service router (once; later calls are ignored).
-    pub fn set_router(&self, router: Arc<crate::proxy::Router>) {
+    pub fn set_router(&self, router: Arc<dyn ServiceRouter>) {
         let _ = self.router.set(router);
     }
 
     /// The node's service router, once the agent has installed it.
-    pub fn router(&self) -> Option<&Arc<crate::proxy::Router>> {
+    pub fn router(&self) -> Option<&Arc<dyn ServiceRouter>> {
         self.router.get()
+    }
+
+    /// The node's own addresses (never egress).
+    pub fn node_ips(&self) -> Arc<[std::net::IpAddr]> {
+        self.node_ips.clone()
     }
 
     pub fn engine(&self) -> &Engine {

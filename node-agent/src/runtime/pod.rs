@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
@@ -27,9 +26,13 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
 use super::http::PodHttpHooks;
 use super::limits::{is_oom, PodBudget, StoreLimiter};
 use super::logs::{ContainerLog, Stream};
+pub use super::reach::Egress;
+use super::reach::{PodNet, StoreSockets, Transport};
 use super::sockets::ServiceLookup;
 use super::state::GuestState;
 use super::{LoadedComponent, Runtime};
+use crate::net::plain;
+use crate::net::{BoxFuture, LocalEndpoint, ServiceRouter};
 
 /// Resource handles one Store may hold (each open socket is one, plus its streams).
 pub const MAX_HANDLES_PER_STORE: usize = 4096;
@@ -122,52 +125,6 @@ pub struct HttpRoute {
     pub oom: mpsc::Sender<Exit>,
 }
 
-/// Who a pod's components may reach beyond the pod (`wasmctl.dev/egress` annotation).
-#[derive(Debug, Clone, Default)]
-pub enum Egress {
-    /// Nothing outside the pod (the default).
-    #[default]
-    None,
-    /// Anything.
-    All,
-    /// These hosts (names or IPs), any port.
-    Hosts(Vec<String>),
-}
-
-impl Egress {
-    /// `"*"` = all, otherwise a comma-separated host list.
-    pub fn parse(s: &str) -> Egress {
-        let s = s.trim();
-        if s == "*" {
-            return Egress::All;
-        }
-        let hosts: Vec<String> = s
-            .split(',')
-            .map(|h| h.trim().to_ascii_lowercase())
-            .filter(|h| !h.is_empty())
-            .collect();
-        if hosts.is_empty() {
-            Egress::None
-        } else {
-            Egress::Hosts(hosts)
-        }
-    }
-    fn allows_host(&self, host: &str) -> bool {
-        match self {
-            Egress::None => false,
-            Egress::All => true,
-            Egress::Hosts(h) => h.iter().any(|x| x.eq_ignore_ascii_case(host)),
-        }
-    }
-    fn allows_ip(&self, ip: IpAddr) -> bool {
-        match self {
-            Egress::None => false,
-            Egress::All => true,
-            Egress::Hosts(h) => h.iter().any(|x| x.parse::<IpAddr>().ok() == Some(ip)),
-        }
-    }
-}
-
 /// Bounds of one pod's sandbox.
 #[derive(Debug, Clone, Copy)]
 pub struct SandboxLimits {
@@ -175,6 +132,8 @@ pub struct SandboxLimits {
     pub max_connections: usize,
     pub request_timeout: Duration,
     pub max_instance_memory: usize,
+    /// Sockets one pod may hold open at once, all of its Stores together.
+    pub max_sockets: usize,
 }
 
 pub struct PodSandbox {
@@ -187,9 +146,10 @@ pub struct PodSandbox {
     routes: RwLock<HashMap<u16, Arc<HttpRoute>>>,
     requests: Arc<Semaphore>,
     connections: Arc<Semaphore>,
-    egress: Egress,
+    /// Its address, egress policy, listening ports and socket budget.
+    pub net: Arc<PodNet>,
     /// The node's service router (absent in a runtime without one), for outgoing traffic.
-    router: Option<Arc<crate::proxy::Router>>,
+    router: Option<Arc<dyn ServiceRouter>>,
     /// Service names → ClusterIP as seen from this pod's namespace (`ip-name-lookup`).
     service_lookup: Option<ServiceLookup>,
     /// Cancelled when the pod is killed: in-flight guests stop at their next yield.
@@ -209,10 +169,15 @@ impl PodSandbox {
     ) -> Arc<PodSandbox> {
         let router = runtime.router().cloned();
         let namespace = key.split_once('/').map(|(ns, _)| ns).unwrap_or("");
-        let service_lookup = router.as_ref().map(|r| r.name_lookup(namespace));
+        let service_lookup = router.as_ref().map(|r| {
+            let (r, ns) = (r.clone(), namespace.to_string());
+            Arc::new(move |name: &str| r.resolve(&ns, name)) as ServiceLookup
+        });
+        let net = PodNet::new(ip, egress, runtime.node_ips(), limits.max_sockets);
         let sandbox = Arc::new(PodSandbox {
             router,
             service_lookup,
+            net,
             key,
             ip,
             budget,
@@ -221,7 +186,6 @@ impl PodSandbox {
             connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             limits,
             routes: RwLock::new(HashMap::new()),
-            egress,
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -249,14 +213,19 @@ impl PodSandbox {
             .write()
             .expect("routes lock")
             .insert(port, route);
+        self.net.add_http_port(port);
     }
 
     pub fn remove_route(&self, port: u16) {
-        self.routes.write().expect("routes lock").remove(&port);
-    }
-
-    pub fn egress_allows(&self, host: &str) -> bool {
-        self.egress.allows_host(host)
+        if self
+            .routes
+            .write()
+            .expect("routes lock")
+            .remove(&port)
+            .is_some()
+        {
+            self.net.remove_http_port(port);
+        }
     }
 
     /// A Store for one run of a container's component, charged to this pod.
@@ -272,14 +241,10 @@ impl PodSandbox {
             .allow_tcp(true)
             .allow_udp(true)
             .allow_ip_name_lookup(true);
-        let ip = self.ip;
-        let egress = self.egress.clone();
+        let net = self.net.clone();
         let router = self.router.clone();
         b.socket_addr_check(move |addr, usage| {
-            // Service ClusterIPs are in-cluster: the node's proxy listens there.
-            let ok = socket_allowed(ip, &egress, addr, usage)
-                || (matches!(usage, SocketAddrUse::TcpConnect)
-                    && router.as_ref().is_some_and(|r| r.is_cluster_ip(addr)));
+            let ok = socket_allowed(&net, router.as_deref(), addr, usage);
             Box::pin(async move { ok })
         });
         for m in &cfg.mounts {
@@ -307,6 +272,8 @@ impl PodSandbox {
             ),
             pod_ip: self.ip,
             services: self.service_lookup.clone(),
+            net: self.net.clone(),
+            sockets: Arc::new(StoreSockets::default()),
         };
         let mut store = Store::new(self.runtime.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -422,7 +389,14 @@ impl PodSandbox {
                     }
                     Err(e) => format!("request task failed: {e}"),
                 };
-                plain(500, format!("{}\n", first_lines(&err, 8)))
+                // The detail (a wasm backtrace names the guest's functions and offsets) goes
+                // to the container's log and the agent's, never to the caller.
+                let detail = first_lines(&err, 8);
+                for line in format!("request to port {port} failed: {detail}").lines() {
+                    route.config.log.push(Stream::Stderr, line.as_bytes());
+                }
+                tracing::debug!(pod = %self.key, port, error = %detail, "HTTP component failed a request");
+                plain(500, "the component failed to answer the request\n".into())
             }
         }
     }
@@ -485,35 +459,55 @@ impl Drop for PodSandbox {
     }
 }
 
-/// The socket policy: bind only the pod IP (what the guest sees as 127.0.0.1/0.0.0.0 was
-/// rewritten before this check), connect only within the pod unless egress allows more.
+/// The socket policy ([`super::reach`]): bind and listen only on the pod IP (what the guest
+/// calls `127.0.0.1`/`0.0.0.0` was rewritten before this check; an unspecified bind address is
+/// the implicit bind of a connect or a send, which picks an ephemeral port), connect or send to
+/// the pod IP only on a port the pod serves, to a Service's `clusterIP:port`, or to what the
+/// pod's egress allows.
 fn socket_allowed(
-    pod_ip: Ipv4Addr,
-    egress: &Egress,
+    net: &PodNet,
+    router: Option<&dyn ServiceRouter>,
     addr: SocketAddr,
     usage: SocketAddrUse,
 ) -> bool {
     let ip = addr.ip();
-    let own = ip == IpAddr::V4(pod_ip) || ip.is_unspecified();
+    let pod_ip = IpAddr::V4(net.pod_ip);
     match usage {
-        SocketAddrUse::TcpBind | SocketAddrUse::TcpListen | SocketAddrUse::UdpBind => own,
+        SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => ip == pod_ip || ip.is_unspecified(),
+        SocketAddrUse::TcpListen => ip == pod_ip,
         // Loopback connects arrive from 127.0.0.1 (the kernel's choice of source address).
         SocketAddrUse::TcpAccept => true,
-        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => {
-            ip == IpAddr::V4(pod_ip) || egress.allows_ip(ip)
+        SocketAddrUse::TcpConnect => {
+            net.is_own_port(Transport::Tcp, addr)
+                || router.is_some_and(|r| r.is_service_addr(addr))
+                || (ip != pod_ip && net.egress_allows_ip(ip))
+        }
+        SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => {
+            net.is_own_port(Transport::Udp, addr) || (ip != pod_ip && net.egress_allows_ip(ip))
         }
     }
 }
 
-pub fn plain(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
-    let body = Full::new(Bytes::from(body))
-        .map_err(|never: std::convert::Infallible| match never {})
-        .boxed_unsync();
-    hyper::Response::builder()
-        .status(status)
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(body)
-        .expect("static response parts are valid")
+impl LocalEndpoint for PodSandbox {
+    fn is_terminating(&self) -> bool {
+        PodSandbox::is_terminating(self)
+    }
+
+    fn serves_http(&self, port: u16) -> bool {
+        PodSandbox::serves_http(self, port)
+    }
+
+    fn listens(&self, port: u16) -> bool {
+        self.net.listens(Transport::Tcp, port)
+    }
+
+    fn serve_http(
+        self: Arc<Self>,
+        port: u16,
+        req: hyper::Request<wasmtime_wasi_http::WasiBody>,
+    ) -> BoxFuture<'static, hyper::Response<HyperOutgoingBody>> {
+        Box::pin(async move { self.handle_http(port, req).await })
+    }
 }
 
 #[cfg(test)]
@@ -525,42 +519,53 @@ mod tests {
         let ip = Ipv4Addr::new(127, 1, 0, 3);
         let own: SocketAddr = "127.1.0.3:9000".parse().unwrap();
         let other_pod: SocketAddr = "127.1.0.4:9000".parse().unwrap();
+        let host_service: SocketAddr = "127.1.0.3:22".parse().unwrap();
         let outside: SocketAddr = "10.0.0.1:443".parse().unwrap();
         let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
-        let none = Egress::None;
-        assert!(socket_allowed(ip, &none, own, SocketAddrUse::TcpBind));
-        assert!(socket_allowed(ip, &none, any, SocketAddrUse::TcpBind));
-        assert!(!socket_allowed(
-            ip,
-            &none,
-            other_pod,
-            SocketAddrUse::TcpBind
-        ));
-        assert!(socket_allowed(ip, &none, own, SocketAddrUse::TcpConnect));
-        assert!(!socket_allowed(
-            ip,
-            &none,
-            other_pod,
+        let net = |egress: Egress| PodNet::new(ip, egress, Arc::from(vec![]), 16);
+        let none = net(Egress::None);
+        let ok = |n: &PodNet, a, u| socket_allowed(n, None, a, u);
+        assert!(ok(&none, own, SocketAddrUse::TcpBind));
+        assert!(
+            ok(&none, any, SocketAddrUse::TcpBind),
+            "the implicit bind of a connect"
+        );
+        assert!(
+            !ok(&none, any, SocketAddrUse::TcpListen),
+            "no wildcard listeners"
+        );
+        assert!(!ok(&none, other_pod, SocketAddrUse::TcpBind));
+        // The pod IP is reachable only on ports the pod listens on: a host service on
+        // 0.0.0.0:22 would otherwise answer at POD_IP:22.
+        assert!(!ok(&none, own, SocketAddrUse::TcpConnect));
+        assert!(!ok(&none, host_service, SocketAddrUse::TcpConnect));
+        let mut claim = none.claim_socket().unwrap();
+        claim.set_port(Transport::Tcp, 9000);
+        assert!(ok(&none, own, SocketAddrUse::TcpConnect));
+        assert!(!ok(&none, own, SocketAddrUse::UdpSend));
+        drop(claim);
+        assert!(!ok(&none, own, SocketAddrUse::TcpConnect));
+        assert!(!ok(&none, other_pod, SocketAddrUse::TcpConnect));
+        assert!(!ok(&none, outside, SocketAddrUse::TcpConnect));
+        let all = net(Egress::All);
+        assert!(ok(&all, outside, SocketAddrUse::TcpConnect));
+        assert!(
+            !ok(&all, other_pod, SocketAddrUse::TcpConnect),
+            "egress * is not loopback"
+        );
+        assert!(!ok(&all, host_service, SocketAddrUse::TcpConnect));
+        assert!(!ok(
+            &all,
+            "[::ffff:127.0.0.1]:22".parse().unwrap(),
             SocketAddrUse::TcpConnect
         ));
-        assert!(!socket_allowed(
-            ip,
-            &none,
-            outside,
+        assert!(!ok(
+            &all,
+            "169.254.169.254:80".parse().unwrap(),
             SocketAddrUse::TcpConnect
         ));
-        assert!(socket_allowed(
-            ip,
-            &Egress::All,
-            outside,
-            SocketAddrUse::TcpConnect
-        ));
-        assert!(socket_allowed(
-            ip,
-            &Egress::parse("10.0.0.1, example.com"),
-            outside,
-            SocketAddrUse::TcpConnect
-        ));
+        let listed = net(Egress::parse("10.0.0.1, example.com"));
+        assert!(ok(&listed, outside, SocketAddrUse::TcpConnect));
         assert!(Egress::parse("10.0.0.1, Example.com").allows_host("example.COM"));
         assert!(matches!(Egress::parse(" "), Egress::None));
     }

@@ -9,10 +9,17 @@
 //! validation and the embedder's `socket_addr_check` see the real (pod IP) address, and host →
 //! guest (`to_guest`) on everything reported back. Sockets, streams and the resource table stay
 //! wasmtime-wasi's; nothing here touches a file descriptor.
+//!
+//! The shadows also keep the pod's books ([`super::reach`]): every socket takes one of the
+//! pod's socket budget until it is dropped (over budget: `new-socket-limit`), a listening TCP
+//! socket or a bound UDP socket records its port (so connects to the pod IP reach only ports
+//! the pod really serves), and name lookups follow the pod's egress (see `resolve_addresses`).
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::task::{Context, Poll, Waker};
+
+use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource};
 use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, IpSocketAddress};
@@ -21,6 +28,8 @@ use wasmtime_wasi::p2::{SocketError, SocketResult};
 use wasmtime_wasi::sockets::{WasiSocketsCtxView, WasiSocketsView};
 use wasmtime_wasi::WasiView;
 
+use super::reach::{may_be_service, Egress, PodNet, StoreSockets, Transport};
+
 /// Implemented by the store data of a pod's component.
 pub trait PodAddr {
     /// The pod's loopback identity, in 127.0.0.0/8 (e.g. `127.1.0.7`).
@@ -28,6 +37,10 @@ pub trait PodAddr {
     /// Resolves Service names (`web`, `web.shop`, `web.shop.svc.cluster.local`, seen from
     /// this pod's namespace) to their ClusterIP, for `ip-name-lookup`.
     fn service_lookup(&self) -> Option<ServiceLookup> {
+        None
+    }
+    /// The pod's network policy and budgets, and this Store's claims on them.
+    fn pod_net(&self) -> Option<(Arc<PodNet>, Arc<StoreSockets>)> {
         None
     }
 }
@@ -149,19 +162,48 @@ struct PodSocketsView<'a> {
     inner: WasiSocketsCtxView<'a>,
     pod_ip: Ipv4Addr,
     services: Option<ServiceLookup>,
+    net: Option<(Arc<PodNet>, Arc<StoreSockets>)>,
 }
 
 fn pod_sockets<T: WasiView + PodAddr>(t: &mut T) -> PodSocketsView<'_> {
     let pod_ip = t.pod_ip();
     let services = t.service_lookup();
+    let net = t.pod_net();
     PodSocketsView {
         inner: t.sockets(),
         pod_ip,
         services,
+        net,
     }
 }
 
 impl PodSocketsView<'_> {
+    /// Charges socket `rep` to the pod's socket budget (once per socket).
+    fn claim(&self, rep: u32) -> SocketResult<()> {
+        if let Some((net, store)) = &self.net {
+            if !store.has(rep) {
+                let claim = net.claim_socket().ok_or(ErrorCode::NewSocketLimit)?;
+                store.insert(rep, claim);
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, rep: u32) {
+        if let Some((_, store)) = &self.net {
+            store.release(rep);
+        }
+    }
+
+    /// Records the port socket `rep` is bound to, when that is the pod IP.
+    fn record_port(&self, rep: u32, transport: Transport, local: SocketAddr) {
+        if let Some((_, store)) = &self.net {
+            if local.ip() == IpAddr::V4(self.pod_ip) {
+                store.set_port(rep, transport, local.port());
+            }
+        }
+    }
+
     fn guest(&self, addr: IpSocketAddress) -> IpSocketAddress {
         to_guest(addr.into(), self.pod_ip).into()
     }
@@ -236,6 +278,7 @@ impl tcp::HostTcpSocket for PodSocketsView<'_> {
         local_address: tcp::IpSocketAddress,
     ) -> SocketResult<()> {
         let local = bind_to_host(local_address.into(), self.pod_ip, Proto::Tcp)?;
+        self.claim(this.rep())?;
         tcp::HostTcpSocket::start_bind(&mut self.inner, this, network, local.into()).await
     }
 
@@ -250,6 +293,7 @@ impl tcp::HostTcpSocket for PodSocketsView<'_> {
         remote_address: tcp::IpSocketAddress,
     ) -> SocketResult<()> {
         let remote = to_host(remote_address.into(), self.pod_ip)?;
+        self.claim(this.rep())?;
         if let SocketAddr::V4(v4) = remote {
             if v4.ip().is_loopback() && v4.port() != 0 {
                 self.bind_loopback_source(&this, &network);
@@ -270,7 +314,12 @@ impl tcp::HostTcpSocket for PodSocketsView<'_> {
     }
 
     fn finish_listen(&mut self, this: Resource<tcp::TcpSocket>) -> SocketResult<()> {
-        tcp::HostTcpSocket::finish_listen(&mut self.inner, this)
+        let rep = this.rep();
+        tcp::HostTcpSocket::finish_listen(&mut self.inner, Resource::new_borrow(rep))?;
+        if let Ok(local) = tcp::HostTcpSocket::local_address(&mut self.inner, this) {
+            self.record_port(rep, Transport::Tcp, local.into());
+        }
+        Ok(())
     }
 
     fn accept(
@@ -281,7 +330,15 @@ impl tcp::HostTcpSocket for PodSocketsView<'_> {
         Resource<tcp::InputStream>,
         Resource<tcp::OutputStream>,
     )> {
-        tcp::HostTcpSocket::accept(&mut self.inner, this)
+        let (sock, rx, tx) = tcp::HostTcpSocket::accept(&mut self.inner, this)?;
+        if self.claim(sock.rep()).is_err() {
+            // Over the pod's socket budget: close the new connection at once.
+            let _ = self.inner.table.delete(rx);
+            let _ = self.inner.table.delete(tx);
+            let _ = tcp::HostTcpSocket::drop(&mut self.inner, sock);
+            return Err(ErrorCode::NewSocketLimit.into());
+        }
+        Ok((sock, rx, tx))
     }
 
     fn local_address(
@@ -421,6 +478,7 @@ impl tcp::HostTcpSocket for PodSocketsView<'_> {
     }
 
     fn drop(&mut self, this: Resource<tcp::TcpSocket>) -> wasmtime::Result<()> {
+        self.release(this.rep());
         tcp::HostTcpSocket::drop(&mut self.inner, this)
     }
 }
@@ -438,11 +496,17 @@ impl udp::HostUdpSocket for PodSocketsView<'_> {
         local_address: udp::IpSocketAddress,
     ) -> SocketResult<()> {
         let local = bind_to_host(local_address.into(), self.pod_ip, Proto::Udp)?;
+        self.claim(this.rep())?;
         udp::HostUdpSocket::start_bind(&mut self.inner, this, network, local.into()).await
     }
 
     fn finish_bind(&mut self, this: Resource<udp::UdpSocket>) -> SocketResult<()> {
-        udp::HostUdpSocket::finish_bind(&mut self.inner, this)
+        let rep = this.rep();
+        udp::HostUdpSocket::finish_bind(&mut self.inner, Resource::new_borrow(rep))?;
+        if let Ok(local) = udp::HostUdpSocket::local_address(&mut self.inner, this) {
+            self.record_port(rep, Transport::Udp, local.into());
+        }
+        Ok(())
     }
 
     async fn stream(
@@ -457,6 +521,7 @@ impl udp::HostUdpSocket for PodSocketsView<'_> {
             Some(addr) => Some(to_host(addr.into(), self.pod_ip)?.into()),
             None => None,
         };
+        self.claim(this.rep())?;
         udp::HostUdpSocket::stream(&mut self.inner, this, remote).await
     }
 
@@ -527,6 +592,7 @@ impl udp::HostUdpSocket for PodSocketsView<'_> {
     }
 
     fn drop(&mut self, this: Resource<udp::UdpSocket>) -> wasmtime::Result<()> {
+        self.release(this.rep());
         udp::HostUdpSocket::drop(&mut self.inner, this)
     }
 }
@@ -607,25 +673,52 @@ impl udp::HostOutgoingDatagramStream for PodSocketsView<'_> {
 
 impl ip_name_lookup::Host for PodSocketsView<'_> {
     /// `localhost` (and `*.localhost`) resolves to the guest-visible `127.0.0.1` only, never to
-    /// the host's `::1`, and a Service name to its ClusterIP; both still go through
-    /// wasmtime-wasi (as IP literals), so a pod without name lookup permission gets the same
-    /// error for them as for any other name.
+    /// the host's `::1`, and a Service name ([`may_be_service`]) to its ClusterIP; both go
+    /// through wasmtime-wasi as IP literals (answered at once, no resolver). Any other name
+    /// reaches the host's resolver only when the pod's egress allows that name — otherwise it
+    /// is `name-unresolvable` at once, so a pod without egress cannot leak data through DNS
+    /// queries (`<data>.attacker.example`) — and at most [`super::reach::MAX_LOOKUPS_PER_POD`]
+    /// such lookups per pod are open at once (each holds a blocking-pool thread; the slot is
+    /// freed when the guest drops the stream).
     fn resolve_addresses(
         &mut self,
         network: Resource<ip_name_lookup::Network>,
         name: String,
     ) -> SocketResult<Resource<ip_name_lookup::ResolveAddressStream>> {
-        let service_ip = self.services.as_ref().and_then(|f| f(&name));
-        let name = if is_localhost(&name) {
-            IpAddr::V4(GUEST_LOOPBACK).to_string()
-        } else if let Some(ip) = service_ip {
+        let egress = self.net.as_ref().map(|(net, _)| net.egress.clone());
+        let service_ip = match may_be_service(&name, egress.as_ref().unwrap_or(&Egress::None)) {
+            Some(svc) => self.services.as_ref().and_then(|f| f(svc)),
+            None => None,
+        };
+        if is_localhost(&name) {
+            let literal = IpAddr::V4(GUEST_LOOPBACK).to_string();
+            return ip_name_lookup::Host::resolve_addresses(&mut self.inner, network, literal);
+        }
+        if let Some(ip) = service_ip {
             // A Service name: its ClusterIP, where the node's proxy listens (as cluster DNS
             // would answer; the guest then connects to it like to any address).
-            ip.to_string()
-        } else {
-            name
+            return ip_name_lookup::Host::resolve_addresses(
+                &mut self.inner,
+                network,
+                ip.to_string(),
+            );
+        }
+        if name.parse::<IpAddr>().is_ok() {
+            // An IP literal is parsed, never looked up.
+            return ip_name_lookup::Host::resolve_addresses(&mut self.inner, network, name);
+        }
+        let Some((net, store)) = self.net.clone() else {
+            return ip_name_lookup::Host::resolve_addresses(&mut self.inner, network, name);
         };
-        ip_name_lookup::Host::resolve_addresses(&mut self.inner, network, name)
+        if !net.egress.allows_host(&name) {
+            return Err(ErrorCode::NameUnresolvable.into());
+        }
+        let permit = net
+            .lookup_permit()
+            .ok_or(ErrorCode::TemporaryResolverFailure)?;
+        let stream = ip_name_lookup::Host::resolve_addresses(&mut self.inner, network, name)?;
+        store.hold_lookup(stream.rep(), permit);
+        Ok(stream)
     }
 }
 
@@ -648,6 +741,9 @@ impl ip_name_lookup::HostResolveAddressStream for PodSocketsView<'_> {
         &mut self,
         this: Resource<ip_name_lookup::ResolveAddressStream>,
     ) -> wasmtime::Result<()> {
+        if let Some((_, store)) = &self.net {
+            store.release_lookup(this.rep());
+        }
         ip_name_lookup::HostResolveAddressStream::drop(&mut self.inner, this)
     }
 }

@@ -2,6 +2,7 @@
 //! the pod budget, and the pod it belongs to (for `localhost` routing and the pod IP).
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -9,6 +10,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::http::PodHttpHooks;
 use super::limits::StoreLimiter;
+use super::reach::{PodNet, StoreSockets};
 use super::sockets::{PodAddr, ServiceLookup};
 
 pub struct GuestState {
@@ -21,6 +23,10 @@ pub struct GuestState {
     /// Service names → ClusterIP for `ip-name-lookup` (absent until the agent's service
     /// router is installed).
     pub services: Option<ServiceLookup>,
+    /// The pod's network policy and budgets.
+    pub net: Arc<PodNet>,
+    /// This Store's sockets (released when the Store is dropped).
+    pub sockets: Arc<StoreSockets>,
 }
 
 impl WasiView for GuestState {
@@ -48,5 +54,8 @@ impl PodAddr for GuestState {
     }
     fn service_lookup(&self) -> Option<ServiceLookup> {
         self.services.clone()
+    }
+    fn pod_net(&self) -> Option<(Arc<PodNet>, Arc<StoreSockets>)> {
+        Some((self.net.clone(), self.sockets.clone()))
     }
 }

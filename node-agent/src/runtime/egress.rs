@@ -1,0 +1,158 @@
+//! A pod's outgoing HTTP to the outside world (egress, `wasmctl.dev/egress`): the agent
+//! resolves the host itself, checks every address it got ([`super::reach`]: never the node,
+//! loopback, link-local, …), and connects to a checked address — so neither a numeric trick
+//! (`2130706433`, `127.1`, `0x7f.1`, `[::ffff:127.0.0.1]`), nor a name that resolves to the
+//! node, nor a name that re-resolves between check and connect (DNS rebinding) reaches
+//! anything the pod's egress does not allow. Then TLS (rustls, the webpki roots, the host's
+//! name), HTTP/1.1 (hyper), as wasmtime-wasi-http's `default_send_request` does.
+//!
+//! Bounds: one name lookup slot of the pod's ([`super::reach::MAX_LOOKUPS_PER_POD`]), lookup
+//! and connect timeouts, and the connection task lives in the pod's task tracker.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
+
+use super::reach::{never_egress, PodNet};
+
+/// How long a name lookup may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connect timeout when the guest sets none.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time to the response head when the guest sets none.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(600);
+
+type IoFuture = Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>;
+
+/// The addresses `host:port` may be reached at by this pod, or why not.
+pub async fn checked_addrs(net: &PodNet, host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        // An IP literal: the egress list must allow that address.
+        if !net.egress_allows_ip(ip) {
+            return Err(Error::DestinationIpProhibited);
+        }
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    // A name the egress allows (the caller checked): every address it resolves to must be
+    // ordinary egress, else none is used.
+    let _slot = net.lookup_permit().ok_or(Error::DnsTimeout)?;
+    let addrs: Vec<SocketAddr> =
+        match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((bare, port))).await {
+            Ok(Ok(a)) => a.collect(),
+            Ok(Err(_)) => return Err(Error::DestinationNotFound),
+            Err(_) => return Err(Error::DnsTimeout),
+        };
+    if addrs.is_empty() {
+        return Err(Error::DestinationNotFound);
+    }
+    if addrs.iter().any(|a| never_egress(a.ip(), &net.node_ips)) {
+        return Err(Error::DestinationIpProhibited);
+    }
+    Ok(addrs)
+}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+            };
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// Sends `request` (absolute URI: scheme, authority, path) to one of `addrs`.
+pub async fn send(
+    mut request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+    addrs: Vec<SocketAddr>,
+    tasks: &TaskTracker,
+) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
+    let uri = request.uri().clone();
+    let host = uri.host().ok_or(Error::HttpRequestUriInvalid)?.to_string();
+    let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+    let connect_timeout = options
+        .and_then(|o| o.connect_timeout)
+        .unwrap_or(CONNECT_TIMEOUT);
+    let first_byte_timeout = options
+        .and_then(|o| o.first_byte_timeout)
+        .unwrap_or(FIRST_BYTE_TIMEOUT);
+
+    let mut last = Error::ConnectionRefused;
+    let mut tcp = None;
+    for addr in addrs {
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                tcp = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last = Error::Connect(e),
+            Err(_) => last = Error::ConnectionTimeout,
+        }
+    }
+    let tcp = tcp.ok_or(last)?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Stream> = if https {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let name = match bare.parse::<IpAddr>() {
+            Ok(ip) => rustls::pki_types::ServerName::from(ip),
+            Err(_) => rustls::pki_types::ServerName::try_from(bare.to_string())
+                .map_err(Error::InvalidDnsNameError)?,
+        };
+        let tls = tokio_rustls::TlsConnector::from(tls_config())
+            .connect(name, tcp)
+            .await
+            .map_err(Error::Tls)?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let (mut sender, conn) = tokio::time::timeout(
+        connect_timeout,
+        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)),
+    )
+    .await
+    .map_err(|_| Error::ConnectionTimeout)??;
+    // The connection's I/O runs as a task of the pod (drained or dropped with it).
+    tasks.spawn(async move {
+        let _ = conn.await;
+    });
+    // Origin form on the wire (the authority travels in `Host`).
+    let pq = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    *request.uri_mut() = pq.parse().map_err(|_| Error::HttpRequestUriInvalid)?;
+    if !request.headers().contains_key(http::header::HOST) {
+        if let Some(a) = uri.authority() {
+            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                request.headers_mut().insert(http::header::HOST, v);
+            }
+        }
+    }
+    let resp = tokio::time::timeout(first_byte_timeout, sender.send_request(request))
+        .await
+        .map_err(|_| Error::ConnectionReadTimeout)??;
+    let done: IoFuture = Box::new(async { Ok(()) });
+    Ok((resp.map(|b| b.map_err(Error::from).boxed_unsync()), done))
+}
