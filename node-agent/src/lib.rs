@@ -189,7 +189,7 @@ impl Agent {
         kubeconfig: &wasmctl_client::Kubeconfig,
     ) -> anyhow::Result<Agent> {
         check_pod_cidr(cfg.pod_cidr, cfg.node_ip)?;
-        if kubeconfig.token.is_none() {
+        if kubeconfig.token.as_deref().is_none_or(str::is_empty) {
             anyhow::bail!(
                 "the kubeconfig has no bearer token: the agent endpoint (pod logs) authenticates the API server with it and never runs open"
             );

@@ -817,10 +817,19 @@ fn foreign_probe_host(p: &Probe, pod_ip: Ipv4Addr) -> Option<&str> {
 /// pod cannot point the agent's probe at another address.
 pub fn probe_redirects() -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(|attempt| {
-        let first = attempt.previous().first().and_then(|u| u.host_str());
+        // Same host, scheme and port: a redirect to another port of the pod IP could reach a
+        // host service bound to 0.0.0.0.
+        let origin = |u: &url::Url| {
+            (
+                u.scheme().to_string(),
+                u.host_str().map(str::to_string),
+                u.port_or_known_default(),
+            )
+        };
+        let first = attempt.previous().first().map(origin);
         if attempt.previous().len() > 10 {
             attempt.error("probe: too many redirects")
-        } else if first.is_some() && attempt.url().host_str() == first {
+        } else if first.is_some() && Some(origin(attempt.url())) == first {
             attempt.follow()
         } else {
             attempt.stop()

@@ -43,13 +43,19 @@ pub async fn checked_addrs(net: &PodNet, host: &str, port: u16) -> Result<Vec<So
     }
     // A name the egress allows (the caller checked): every address it resolves to must be
     // ordinary egress, else none is used.
-    let _slot = net.lookup_permit().ok_or(Error::DnsTimeout)?;
-    let addrs: Vec<SocketAddr> =
-        match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((bare, port))).await {
-            Ok(Ok(a)) => a.collect(),
-            Ok(Err(_)) => return Err(Error::DestinationNotFound),
-            Err(_) => return Err(Error::DnsTimeout),
-        };
+    // The slot is held by the blocking lookup itself, so a lookup that outlives its timeout
+    // still counts against the pod until the resolver returns.
+    let slot = net.lookup_permit().ok_or(Error::DnsTimeout)?;
+    let name = bare.to_string();
+    let lookup = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(|a| a.collect())
+    });
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(Ok(a))) => a,
+        Ok(_) => return Err(Error::DestinationNotFound),
+        Err(_) => return Err(Error::DnsTimeout),
+    };
     if addrs.is_empty() {
         return Err(Error::DestinationNotFound);
     }
@@ -119,9 +125,10 @@ pub async fn send(
             Err(_) => rustls::pki_types::ServerName::try_from(bare.to_string())
                 .map_err(Error::InvalidDnsNameError)?,
         };
-        let tls = tokio_rustls::TlsConnector::from(tls_config())
-            .connect(name, tcp)
+        let connect = tokio_rustls::TlsConnector::from(tls_config()).connect(name, tcp);
+        let tls = tokio::time::timeout(connect_timeout, connect)
             .await
+            .map_err(|_| Error::ConnectionTimeout)?
             .map_err(Error::Tls)?;
         Box::new(tls)
     } else {

@@ -209,11 +209,15 @@ impl PodSandbox {
     }
 
     pub fn add_route(&self, port: u16, route: Arc<HttpRoute>) {
-        self.routes
+        if self
+            .routes
             .write()
             .expect("routes lock")
-            .insert(port, route);
-        self.net.add_http_port(port);
+            .insert(port, route)
+            .is_none()
+        {
+            self.net.add_http_port(port);
+        }
     }
 
     pub fn remove_route(&self, port: u16) {

@@ -15,8 +15,9 @@
 //!   broadcast, the node's own addresses, and IPv4-mapped/-compatible IPv6 forms of all of
 //!   them. Names are resolved by the agent and the checked address is the one connected to
 //!   (no DNS rebinding).
-//! - **Bounds** ([`PodNet::claim_socket`]): sockets one pod holds at once, across all of its
-//!   Stores (a guest cannot exhaust the host's ephemeral ports or the agent's descriptors), and
+//! - **Bounds** ([`PodNet::claim_socket`]): sockets one pod holds at once, from their creation,
+//!   across all of its Stores (one pod cannot exhaust the host's ephemeral ports or the agent's
+//!   descriptors; many pods together still could — there is no node-wide cap yet), and
 //!   concurrent name lookups ([`PodNet::lookup_permit`]; each holds a blocking-pool thread).
 
 use std::collections::HashMap;

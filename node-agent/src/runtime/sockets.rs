@@ -23,12 +23,14 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource};
 use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, IpSocketAddress};
-use wasmtime_wasi::p2::bindings::sockets::{ip_name_lookup, network, tcp, udp};
+use wasmtime_wasi::p2::bindings::sockets::{
+    ip_name_lookup, network, tcp, tcp_create_socket, udp, udp_create_socket,
+};
 use wasmtime_wasi::p2::{SocketError, SocketResult};
 use wasmtime_wasi::sockets::{WasiSocketsCtxView, WasiSocketsView};
 use wasmtime_wasi::WasiView;
 
-use super::reach::{may_be_service, Egress, PodNet, StoreSockets, Transport};
+use super::reach::{may_be_service, Egress, PodNet, SocketClaim, StoreSockets, Transport};
 
 /// Implemented by the store data of a pod's component.
 pub trait PodAddr {
@@ -52,8 +54,9 @@ pub type ServiceLookup = std::sync::Arc<dyn Fn(&str) -> Option<Ipv4Addr> + Send 
 /// rewriting. Call after `wasmtime_wasi::p2::add_to_linker_async(linker)`; sets
 /// `linker.allow_shadowing(true)` for the duration and restores it to false.
 ///
-/// `network`, `instance-network`, `tcp-create-socket` and `udp-create-socket` are left as
-/// wasmtime-wasi registered them: they carry no addresses.
+/// `tcp-create-socket` and `udp-create-socket` are shadowed too (a socket takes one of the
+/// pod's budget from its creation: wasmtime-wasi opens the OS socket there); `network` and
+/// `instance-network` are left as wasmtime-wasi registered them.
 pub fn add_to_linker<T>(linker: &mut Linker<T>) -> wasmtime::Result<()>
 where
     T: WasiView + PodAddr + Send + 'static,
@@ -68,6 +71,8 @@ fn add_interfaces<T>(linker: &mut Linker<T>) -> wasmtime::Result<()>
 where
     T: WasiView + PodAddr + Send + 'static,
 {
+    tcp_create_socket::add_to_linker::<T, PodSockets>(linker, pod_sockets::<T>)?;
+    udp_create_socket::add_to_linker::<T, PodSockets>(linker, pod_sockets::<T>)?;
     tcp::add_to_linker::<T, PodSockets>(linker, pod_sockets::<T>)?;
     udp::add_to_linker::<T, PodSockets>(linker, pod_sockets::<T>)?;
     ip_name_lookup::add_to_linker::<T, PodSockets>(linker, pod_sockets::<T>)?;
@@ -189,6 +194,20 @@ impl PodSocketsView<'_> {
         Ok(())
     }
 
+    /// One socket of the pod's budget for a socket about to be created.
+    fn claim_new(&self) -> SocketResult<Option<SocketClaim>> {
+        match &self.net {
+            Some((net, _)) => Ok(Some(net.claim_socket().ok_or(ErrorCode::NewSocketLimit)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn keep(&self, rep: u32, claim: Option<SocketClaim>) {
+        if let (Some((_, store)), Some(c)) = (&self.net, claim) {
+            store.insert(rep, c);
+        }
+    }
+
     fn release(&self, rep: u32) {
         if let Some((_, store)) = &self.net {
             store.release(rep);
@@ -198,7 +217,8 @@ impl PodSocketsView<'_> {
     /// Records the port socket `rep` is bound to, when that is the pod IP.
     fn record_port(&self, rep: u32, transport: Transport, local: SocketAddr) {
         if let Some((_, store)) = &self.net {
-            if local.ip() == IpAddr::V4(self.pod_ip) {
+            // A wildcard UDP bind (`0.0.0.0:0`, kept for egress) also receives at the pod IP.
+            if local.ip() == IpAddr::V4(self.pod_ip) || local.ip().is_unspecified() {
                 store.set_port(rep, transport, local.port());
             }
         }
@@ -262,6 +282,34 @@ impl network::Host for PodSocketsView<'_> {
 impl network::HostNetwork for PodSocketsView<'_> {
     fn drop(&mut self, this: Resource<network::Network>) -> wasmtime::Result<()> {
         network::HostNetwork::drop(&mut self.inner, this)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wasi:sockets/{tcp,udp}-create-socket: the socket's budget is taken before it exists.
+
+impl tcp_create_socket::Host for PodSocketsView<'_> {
+    fn create_tcp_socket(
+        &mut self,
+        address_family: network::IpAddressFamily,
+    ) -> SocketResult<Resource<tcp::TcpSocket>> {
+        let claim = self.claim_new()?;
+        let sock = tcp_create_socket::Host::create_tcp_socket(&mut self.inner, address_family)?;
+        self.keep(sock.rep(), claim);
+        Ok(sock)
+    }
+}
+
+impl udp_create_socket::Host for PodSocketsView<'_> {
+    async fn create_udp_socket(
+        &mut self,
+        address_family: network::IpAddressFamily,
+    ) -> SocketResult<Resource<udp::UdpSocket>> {
+        let claim = self.claim_new()?;
+        let sock =
+            udp_create_socket::Host::create_udp_socket(&mut self.inner, address_family).await?;
+        self.keep(sock.rep(), claim);
+        Ok(sock)
     }
 }
 
