@@ -19,7 +19,7 @@ use wasmctl_api::core::{
 use wasmctl_api::meta::{DeleteOptions, IntOrString};
 use wasmctl_api::registry::ResourceInfo;
 use wasmctl_api::selector::Selector;
-use wasmctl_api::validation::CLUSTER_IP_NONE;
+use wasmctl_api::validation::{special_ip_reason, CLUSTER_IP_NONE};
 
 use super::cache::{split_key, Cache};
 use super::replicaset::{namespace_pods, ready_since};
@@ -53,12 +53,15 @@ pub struct EpPlan {
 }
 
 /// Whether a pod belongs in Endpoints at all (Kubernetes' `ShouldPodBeInEndpoints` without
-/// terminating pods): it has an IP, is not being deleted, and has not finished.
+/// terminating pods): it has an IP, is not being deleted, and has not finished. An IP that
+/// Endpoints may never hold (unspecified, the host's 127.0.0.0/24, link-local, …: a forged
+/// `status.podIP`) leaves the pod out, rather than failing the whole Endpoints write.
 pub fn should_be_in_endpoints(p: &Pod) -> bool {
     let st = p.status.as_ref();
     let has_ip = st
         .and_then(|s| s.pod_ip.as_deref())
-        .is_some_and(|ip| !ip.is_empty());
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| special_ip_reason(ip).is_none());
     let finished = matches!(
         st.and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
@@ -584,6 +587,24 @@ mod tests {
         );
         assert_eq!(ss.addresses.len(), MAX_ADDRESSES - 10);
         assert_eq!(ss.not_ready_addresses.len(), 10);
+    }
+
+    #[test]
+    fn a_pod_with_an_ip_endpoints_may_not_hold_is_left_out() {
+        let svc = service(&[("http", 80, IntOrString::Int(8080))]);
+        let pods = [
+            pod("good", "127.20.0.1", true, &[]),
+            pod("host", "127.0.0.1", true, &[]),
+            pod("metadata", "169.254.169.254", true, &[]),
+            pod("junk", "not-an-ip", true, &[]),
+        ];
+        let p = plan(&svc, &pods).unwrap();
+        let ips: Vec<&str> = p
+            .subsets
+            .iter()
+            .flat_map(|s| s.addresses.iter().map(|a| a.ip.as_str()))
+            .collect();
+        assert_eq!(ips, ["127.20.0.1"]);
     }
 
     #[test]
