@@ -29,7 +29,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time to the response head when the guest sets none.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(600);
 
-type IoFuture = Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>;
+/// The connection-I/O future wasi:http awaits after a response (ours run as pod tasks).
+pub(super) type IoFuture = Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>;
+
+/// An [`IoFuture`] with nothing left to do.
+pub(super) fn no_io() -> IoFuture {
+    Box::new(async { Ok(()) })
+}
 
 /// The addresses `host:port` may be reached at by this pod, or why not.
 pub async fn checked_addrs(net: &PodNet, host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
@@ -160,6 +166,5 @@ pub async fn send(
     let resp = tokio::time::timeout(first_byte_timeout, sender.send_request(request))
         .await
         .map_err(|_| Error::ConnectionReadTimeout)??;
-    let done: IoFuture = Box::new(async { Ok(()) });
-    Ok((resp.map(|b| b.map_err(Error::from).boxed_unsync()), done))
+    Ok((resp.map(|b| b.map_err(Error::from).boxed_unsync()), no_io()))
 }

@@ -110,10 +110,7 @@ impl WasiHttpHooks for PodHttpHooks {
                     {
                         Routed::NotService(r) => request = r,
                         Routed::Response(resp) => {
-                            let done: Box<
-                                dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send,
-                            > = Box::new(async { Ok(()) });
-                            return Ok((resp, done));
+                            return Ok((resp, egress::no_io()));
                         }
                         Routed::Refused => return Err(ErrorCode::ConnectionRefused.into()),
                         Routed::Reset => return Err(ErrorCode::ConnectionTerminated.into()),
@@ -123,9 +120,7 @@ impl WasiHttpHooks for PodHttpHooks {
             if local {
                 if !https && pod.serves_http(port) {
                     let resp = pod.handle_http(port, request).await;
-                    let done: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send> =
-                        Box::new(async { Ok(()) });
-                    return Ok((resp, done));
+                    return Ok((resp, egress::no_io()));
                 }
                 // A listener of a command component of this pod: a real socket on the pod IP,
                 // and only a port the pod listens on (anything else on the pod IP is the host's).

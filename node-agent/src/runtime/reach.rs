@@ -72,11 +72,6 @@ impl Egress {
         }
     }
 
-    /// Whether the egress list names `host` itself (not just "everything").
-    pub fn lists_host(&self, host: &str) -> bool {
-        matches!(self, Egress::Hosts(_)) && self.allows_host(host)
-    }
-
     /// Whether the pod may reach the address `ip` (an IP literal the guest connects to).
     fn allows_ip(&self, ip: IpAddr) -> bool {
         match self {
@@ -310,11 +305,6 @@ pub struct StoreSockets {
 }
 
 impl StoreSockets {
-    /// Whether socket `rep` already holds a claim.
-    pub fn has(&self, rep: u32) -> bool {
-        self.claims.lock().expect("claims lock").contains_key(&rep)
-    }
-
     pub fn insert(&self, rep: u32, claim: SocketClaim) {
         self.claims.lock().expect("claims lock").insert(rep, claim);
     }
@@ -407,8 +397,6 @@ mod tests {
             "listing the node does not open it"
         );
         assert!(listed.egress.allows_host("EXAMPLE.com."));
-        assert!(listed.egress.lists_host("example.com"));
-        assert!(!Egress::All.lists_host("example.com"));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! wasmtime-wasi's; nothing here touches a file descriptor.
 //!
 //! The shadows also keep the pod's books ([`super::reach`]): every socket takes one of the
-//! pod's socket budget until it is dropped (over budget: `new-socket-limit`), a listening TCP
+//! pod's socket budget from its creation (or its acceptance) until it is dropped (over budget: `new-socket-limit`), a listening TCP
 //! socket or a bound UDP socket records its port (so connects to the pod IP reach only ports
 //! the pod really serves), and name lookups follow the pod's egress (see `resolve_addresses`).
 
@@ -183,17 +183,6 @@ fn pod_sockets<T: WasiView + PodAddr>(t: &mut T) -> PodSocketsView<'_> {
 }
 
 impl PodSocketsView<'_> {
-    /// Charges socket `rep` to the pod's socket budget (once per socket).
-    fn claim(&self, rep: u32) -> SocketResult<()> {
-        if let Some((net, store)) = &self.net {
-            if !store.has(rep) {
-                let claim = net.claim_socket().ok_or(ErrorCode::NewSocketLimit)?;
-                store.insert(rep, claim);
-            }
-        }
-        Ok(())
-    }
-
     /// One socket of the pod's budget for a socket about to be created.
     fn claim_new(&self) -> SocketResult<Option<SocketClaim>> {
         match &self.net {
@@ -326,7 +315,6 @@ impl tcp::HostTcpSocket for PodSocketsView<'_> {
         local_address: tcp::IpSocketAddress,
     ) -> SocketResult<()> {
         let local = bind_to_host(local_address.into(), self.pod_ip, Proto::Tcp)?;
-        self.claim(this.rep())?;
         tcp::HostTcpSocket::start_bind(&mut self.inner, this, network, local.into()).await
     }
 
@@ -341,7 +329,6 @@ impl tcp::HostTcpSocket for PodSocketsView<'_> {
         remote_address: tcp::IpSocketAddress,
     ) -> SocketResult<()> {
         let remote = to_host(remote_address.into(), self.pod_ip)?;
-        self.claim(this.rep())?;
         if let SocketAddr::V4(v4) = remote {
             if v4.ip().is_loopback() && v4.port() != 0 {
                 self.bind_loopback_source(&this, &network);
@@ -379,14 +366,19 @@ impl tcp::HostTcpSocket for PodSocketsView<'_> {
         Resource<tcp::OutputStream>,
     )> {
         let (sock, rx, tx) = tcp::HostTcpSocket::accept(&mut self.inner, this)?;
-        if self.claim(sock.rep()).is_err() {
-            // Over the pod's socket budget: close the new connection at once.
-            let _ = self.inner.table.delete(rx);
-            let _ = self.inner.table.delete(tx);
-            let _ = tcp::HostTcpSocket::drop(&mut self.inner, sock);
-            return Err(ErrorCode::NewSocketLimit.into());
+        match self.claim_new() {
+            Ok(claim) => {
+                self.keep(sock.rep(), claim);
+                Ok((sock, rx, tx))
+            }
+            Err(e) => {
+                // Over the pod's socket budget: close the new connection at once.
+                let _ = self.inner.table.delete(rx);
+                let _ = self.inner.table.delete(tx);
+                let _ = tcp::HostTcpSocket::drop(&mut self.inner, sock);
+                Err(e)
+            }
         }
-        Ok((sock, rx, tx))
     }
 
     fn local_address(
@@ -544,7 +536,6 @@ impl udp::HostUdpSocket for PodSocketsView<'_> {
         local_address: udp::IpSocketAddress,
     ) -> SocketResult<()> {
         let local = bind_to_host(local_address.into(), self.pod_ip, Proto::Udp)?;
-        self.claim(this.rep())?;
         udp::HostUdpSocket::start_bind(&mut self.inner, this, network, local.into()).await
     }
 
@@ -569,7 +560,6 @@ impl udp::HostUdpSocket for PodSocketsView<'_> {
             Some(addr) => Some(to_host(addr.into(), self.pod_ip)?.into()),
             None => None,
         };
-        self.claim(this.rep())?;
         udp::HostUdpSocket::stream(&mut self.inner, this, remote).await
     }
 
