@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Isolation benchmark: the latency of a healthy `hello` pod while CPU hogs run on the same node.
 # One wrk connection, requests back to back (latency, not saturation), 10 s per case:
-# baseline; one cpu-hog limited to 200m; two unlimited cpu-hogs (one per core).
+# baseline; one cpu-hog limited to 200m; two unlimited cpu-hogs (one per core); a `hostile`
+# pod limited to 500m with 20 requests spinning at once (issue 11 item 12), and the same pod
+# without a limit. The agent runs with its default --guest-cpu-slots (cores - 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -13,6 +15,7 @@ up_start "$WORK" --pod-cidr 127.76.0.0/16
 up_wait
 wctl push "$APPS/hello.wasm" hello:v1 >/dev/null
 wctl push "$APPS/cpu-hog.wasm" cpu-hog:v1 >/dev/null
+wctl push "$APPS/hostile.wasm" hostile:v1 >/dev/null
 pod_running() { case "$(wctl get pod "$1" -o json)" in *'"phase": "Running"'*) return 0 ;; esac; return 1; }
 pod() { # NAME IMAGE [CPU_LIMIT]
   local limits=""
@@ -52,3 +55,26 @@ wctl delete pod hog-limited >/dev/null
 pod hog-a cpu-hog:v1
 pod hog-b cpu-hog:v1
 measure "2 cpu-hogs, no limit (one per core)"
+wctl delete pod hog-a hog-b >/dev/null
+# N loops of back-to-back 200 ms spinning requests against POD, in the background.
+spinners() { # POD N
+  local ip i
+  ip=$(pod_ip "$1")
+  for i in $(seq "$2"); do
+    (while :; do curl -s -o /dev/null --max-time 30 "http://$ip:8080/spin?ms=200"; done) &
+    bg_track $!
+  done
+}
+stop_spinners() {
+  local pid
+  for pid in "${BG_PIDS[@]}"; do bg_stop "$pid"; done
+}
+pod spin-limited hostile:v1 500m
+spinners spin-limited 20
+measure "hostile pod, limits.cpu 500m, 20 requests spinning"
+stop_spinners
+wctl delete pod spin-limited >/dev/null
+pod spin-unlimited hostile:v1
+spinners spin-unlimited 20
+measure "hostile pod, no limit, 20 requests spinning"
+stop_spinners

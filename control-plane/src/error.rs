@@ -54,6 +54,10 @@ pub enum ApiError {
     TooManyRequests(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A request for a resourceVersion the store had not reached after waiting for it
+    /// (kube-apiserver's `NewTooLargeResourceVersionError`: 504 `Timeout`).
+    #[error("Timeout: Too large resource version: {requested}, current: {current}")]
+    TooLargeResourceVersion { requested: u64, current: u64 },
     #[error("the server could not find the requested resource")]
     UnknownPath,
     #[error("Internal error occurred: {0}")]
@@ -118,6 +122,7 @@ impl ApiError {
             ApiError::TooManyRequests(_) => 429,
             ApiError::Internal(_) => 500,
             ApiError::Unavailable(_) => 503,
+            ApiError::TooLargeResourceVersion { .. } => 504,
         }
     }
 
@@ -137,6 +142,7 @@ impl ApiError {
             ApiError::TooManyRequests(_) => "TooManyRequests",
             ApiError::Internal(_) => "InternalError",
             ApiError::Unavailable(_) => "ServiceUnavailable",
+            ApiError::TooLargeResourceVersion { .. } => "Timeout",
         }
     }
 
@@ -184,6 +190,17 @@ impl ApiError {
             }
             ApiError::TooManyRequests(_) | ApiError::Unavailable(_) => {
                 st.details = Some(StatusDetails {
+                    retry_after_seconds: Some(1),
+                    ..Default::default()
+                });
+            }
+            ApiError::TooLargeResourceVersion { .. } => {
+                st.details = Some(StatusDetails {
+                    causes: vec![StatusCause {
+                        reason: "ResourceVersionTooLarge".into(),
+                        message: "Too large resource version".into(),
+                        field: String::new(),
+                    }],
                     retry_after_seconds: Some(1),
                     ..Default::default()
                 });

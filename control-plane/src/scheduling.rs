@@ -1,7 +1,9 @@
 //! The scheduler's thin runtime around the pure [`crate::scheduler::schedule`]. It runs on the
 //! Raft leader only (passes are skipped while this node is not the leader; with one voter it
 //! always is), wakes on pod and node changes in the store (and every few seconds), and in each
-//! pass reads all nodes and pods straight from the store, places the pending pods one after
+//! pass reads all nodes and pods straight from the store, every page of both as of one store
+//! revision (so a pass never sees a pod bound to a node its node list predates, or a pod
+//! twice), places the pending pods one after
 //! another on one [`ClusterView`] (accounting each placement) and writes the outcome in batches
 //! of up to [`BATCH`] writes per Raft entry:
 //! - a binding is a compare-and-set of the pod at the revision that was listed (the pod is
@@ -109,16 +111,25 @@ fn is_pending(p: &Pod) -> bool {
         )
 }
 
-/// Every object of a kind, straight from the store, in pages of [`LIST_PAGE`] keys.
-async fn list_raw(objects: &Objects, info: &ResourceInfo) -> Result<Vec<KeyValue>, ApiError> {
+/// Every object of a kind, straight from the store, in pages of `page` keys, all as of the
+/// revision `at` (`None`: the first page's, which is then stored in `at` for the next lists
+/// of the same pass).
+async fn list_raw(
+    objects: &Objects,
+    info: &ResourceInfo,
+    at: &mut Option<u64>,
+    page: usize,
+) -> Result<Vec<KeyValue>, ApiError> {
     let prefix = info.key_prefix(None);
     let mut out = Vec::new();
     loop {
         let after = out.last().map(|kv: &KeyValue| kv.key.clone());
-        let page = objects
-            .store()
-            .range(&prefix, after.as_deref(), LIST_PAGE)
-            .await?;
+        let store = objects.store();
+        let page = match *at {
+            Some(rev) => store.range_at(&prefix, after.as_deref(), page, rev).await?,
+            None => store.range(&prefix, after.as_deref(), page).await?,
+        };
+        at.get_or_insert(page.revision);
         let more = page.more && !page.items.is_empty();
         out.extend(page.items);
         if !more {
@@ -273,12 +284,15 @@ pub async fn pass(objects: &Objects) -> Result<PassStats, ApiError> {
     let (pods_info, nodes_info) = kinds();
     let mut stats = PassStats::default();
     let t = Instant::now();
-    let pods: Vec<(Pod, u64)> = decode_all(list_raw(objects, pods_info).await?);
+    // One revision for the whole pass.
+    let mut at = None;
+    let pods: Vec<(Pod, u64)> = decode_all(list_raw(objects, pods_info, &mut at, LIST_PAGE).await?);
     if !pods.iter().any(|(p, _)| is_pending(p)) {
         stats.list = t.elapsed();
         return Ok(stats);
     }
-    let nodes: Vec<(Node, u64)> = decode_all(list_raw(objects, nodes_info).await?);
+    let nodes: Vec<(Node, u64)> =
+        decode_all(list_raw(objects, nodes_info, &mut at, LIST_PAGE).await?);
     let mut view = ClusterView::from_infos(nodes.iter().map(|(n, _)| NodeInfo::from_node(n)));
     let mut pending = Vec::new();
     for (pod, rev) in pods {
@@ -526,6 +540,37 @@ mod tests {
         let info = registry::resolve(plural).expect("served");
         let page = objects.list(info, None, &ListOptions::default()).await;
         page.expect("listed").items
+    }
+
+    /// Leftover of issue 11: a pass read pods and then nodes (and each page of them) at the
+    /// store's latest revision each time, so one pass could see a node created after its pods
+    /// were read. Every page of a pass is read as of the first one's revision.
+    #[tokio::test]
+    async fn a_pass_reads_pods_and_nodes_as_of_one_revision() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_store, objects) = open(dir.path()).await;
+        let node = |n: &str| json!({"metadata": {"name": n}});
+        create(&objects, "nodes", None, node("node-a")).await;
+        for i in 0..3 {
+            let pod = json!({"metadata": {"name": format!("p{i}")}, "spec": {"containers": [
+                {"name": "c", "image": "hello:v1"}]}});
+            create(&objects, "pods", Some("default"), pod).await;
+        }
+        let (pods_info, nodes_info) = kinds();
+        let mut at = None;
+        let pods = list_raw(&objects, pods_info, &mut at, 2).await.unwrap();
+        let rev = at.expect("the first page fixes the revision");
+        assert_eq!(pods.len(), 3);
+        // Written after the pods were read: not part of this pass.
+        create(&objects, "nodes", None, node("node-b")).await;
+        let nodes = list_raw(&objects, nodes_info, &mut at, 1).await.unwrap();
+        let names: Vec<&str> = nodes.iter().map(|kv| kv.key.as_str()).collect();
+        assert_eq!(
+            names,
+            [nodes_info.key("", "node-a")],
+            "one pass, one revision"
+        );
+        assert!(pods.iter().chain(&nodes).all(|kv| kv.mod_revision <= rev));
     }
 
     #[tokio::test]

@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub bookmark_interval: Duration,
     pub max_connections: usize,
     pub max_watches: usize,
+    /// Lists served at once (`--max-lists`).
+    pub max_lists: usize,
     /// The API connections' deadlines (TLS handshake, request header, idle, write stall).
     pub api_timeouts: ConnTimeouts,
     /// Extra names for the serving certificate.
@@ -49,6 +51,7 @@ impl ServerConfig {
             bookmark_interval: Duration::from_secs(60),
             max_connections: 1024,
             max_watches: 2048,
+            max_lists: 32,
             api_timeouts: ConnTimeouts::default(),
             tls_sans: Vec::new(),
             fsync: true,
@@ -101,6 +104,7 @@ impl Server {
         api.bookmark_interval = cfg.bookmark_interval;
         api.max_connections = cfg.max_connections;
         api.max_watches = cfg.max_watches;
+        api.max_lists = cfg.max_lists;
         api.timeouts = cfg.api_timeouts;
         let modules = Arc::new(
             ModuleRegistry::open(cfg.data_dir.join("modules")).with_context(|| {
@@ -118,6 +122,7 @@ impl Server {
             agents,
             token: creds.token.clone(),
             watches: Arc::new(Semaphore::new(api.max_watches)),
+            lists: crate::objects::ListGate::new(api.max_lists),
             config: api,
             shutdown: shutdown.clone(),
             server_address: pki::server_url(listen),

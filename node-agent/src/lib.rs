@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod server;
 pub mod services;
 pub mod status;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -53,6 +54,11 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     pub backoff_reset: Duration,
     pub instance_slots: u32,
+    /// CPU-bound guests that run at once on the node (`--guest-cpu-slots`; runtime/cpu.rs).
+    pub guest_cpu_slots: usize,
+    /// Sockets all pods of the node may hold at once (`--max-guest-sockets`); `None`: half of
+    /// the file descriptors left after one listener per pod and 1,024 for the agent.
+    pub max_guest_sockets: Option<usize>,
     pub max_module_bytes: u64,
     /// Registries reached over plain HTTP (`host:port`).
     pub insecure_registries: Vec<String>,
@@ -62,6 +68,8 @@ pub struct AgentConfig {
     pub proxy_max_connections: usize,
     /// The cluster DNS server (`--dns-listen`, `--cluster-domain`).
     pub dns: dns::DnsConfig,
+    /// emptyDir bounds (`--emptydir-*`; volumes.rs).
+    pub volumes: volumes::VolumeLimits,
 }
 
 impl AgentConfig {
@@ -83,6 +91,8 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(300),
             backoff_reset: Duration::from_secs(600),
             instance_slots: 1000,
+            guest_cpu_slots: runtime::cpu::CpuGate::default_slots(),
+            max_guest_sockets: None,
             max_module_bytes: 64 * 1024 * 1024,
             insecure_registries: Vec::new(),
             log_limits: LogLimits::default(),
@@ -92,9 +102,12 @@ impl AgentConfig {
                 request_timeout: Duration::from_secs(60),
                 max_instance_memory: 1 << 30,
                 max_sockets: runtime::reach::DEFAULT_MAX_SOCKETS_PER_POD,
+                max_instances: runtime::pod::default_max_instances(1000),
+                default_memory_limit: runtime::pod::DEFAULT_MEMORY_LIMIT,
             },
             proxy_max_connections: 4096,
             dns: dns::DnsConfig::default(),
+            volumes: volumes::VolumeLimits::default(),
         }
     }
 }
@@ -168,6 +181,8 @@ pub struct AgentCtx {
     pub services: Arc<services::ServiceTable>,
     /// Forwards to Services' endpoints: the proxy's listeners and pods' outgoing traffic.
     pub router: Arc<proxy::Router>,
+    /// Measures pods' emptyDirs against their bounds (volumes.rs).
+    pub volumes: Arc<volumes::VolumeMonitor>,
 }
 
 /// A started agent.
@@ -196,13 +211,17 @@ impl Agent {
         }
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-        raise_fd_limit(cfg.max_pods);
+        let fds = raise_fd_limit(cfg.max_pods);
         let api = Client::new(kubeconfig).context("building the API client")?;
         let runtime = Runtime::new(&RuntimeConfig {
             cache_dir: cfg.data_dir.join("compiled"),
             instance_slots: cfg.instance_slots,
             max_instance_memory: cfg.sandbox.max_instance_memory,
             node_ips: host_addresses(cfg.node_ip),
+            guest_cpu_slots: cfg.guest_cpu_slots,
+            max_guest_sockets: cfg.max_guest_sockets.unwrap_or_else(|| {
+                (fds.saturating_sub(u64::from(cfg.max_pods) + 1024) / 2).max(256) as usize
+            }),
         })
         .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e:#}"))?;
         let images = images::ImageStore::new(
@@ -229,6 +248,7 @@ impl Agent {
         let services = services::ServiceTable::new();
         let router = proxy::Router::new(services.clone(), runtime.pods.clone());
         runtime.set_router(router.clone());
+        let cfg_volumes = cfg.volumes.clone();
         let ctx = Arc::new(AgentCtx {
             ips: Mutex::new(IpAllocator::new(cfg.pod_cidr.0, cfg.pod_cidr.1)),
             cfg,
@@ -247,6 +267,7 @@ impl Agent {
                 .context("building the probe client")?,
             services: services.clone(),
             router: router.clone(),
+            volumes: volumes::VolumeMonitor::new(cfg_volumes),
         });
         node::register(&ctx, kubelet_addr.port())
             .await
@@ -274,6 +295,7 @@ impl Agent {
             shutdown.clone(),
         ));
         tasks.spawn(sync_pods(ctx.clone(), shutdown.clone()));
+        tasks.spawn(ctx.volumes.clone().run(shutdown.clone()));
         tasks.spawn(proxy::run(
             ctx.router.clone(),
             proxy::ProxyConfig {
@@ -296,10 +318,11 @@ impl Agent {
 
 /// Every pod holds sockets (one listener per HTTP port, connections) and log files: raise
 /// the soft descriptor limit to the hard one, and say so if `--max-pods` may not fit.
-fn raise_fd_limit(max_pods: u32) {
+/// Raises the open-file limit to the hard limit and returns the limit in force.
+fn raise_fd_limit(max_pods: u32) -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
+        return 1024;
     };
     let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
         hard
@@ -315,6 +338,7 @@ fn raise_fd_limit(max_pods: u32) {
             "the open-file limit may be too low for --max-pods; raise `ulimit -n`"
         );
     }
+    limit
 }
 
 struct WorkerEntry {
@@ -342,6 +366,10 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Ok(uid) = done { workers.remove(&uid); }
+                // A worker stopped by the shutdown keeps its pod's directory for the next start.
+                if !shutdown.is_cancelled() {
+                    remove_orphan_dirs(&ctx, &workers);
+                }
             }
             ev = rx.recv() => match ev {
                 None => break,
@@ -358,6 +386,7 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
                             let _ = w.tx.send(None);
                         }
                     }
+                    remove_orphan_dirs(&ctx, &workers);
                 }
                 Some(reflector::Event::Upsert(obj)) => {
                     if let Ok(pod) = serde_json::from_value::<Pod>(obj) {
@@ -373,6 +402,13 @@ async fn sync_pods(ctx: Arc<AgentCtx>, shutdown: CancellationToken) {
     }
     // Shutdown: workers see the cancelled token, stop their pods and return.
     while tasks.join_next().await.is_some() {}
+}
+
+/// Removes the directories of pods this agent runs no worker for (volumes.rs): called from
+/// the sync loop itself, so no worker is started while it decides.
+fn remove_orphan_dirs(ctx: &AgentCtx, workers: &HashMap<String, WorkerEntry>) {
+    let live: std::collections::HashSet<String> = workers.keys().cloned().collect();
+    volumes::remove_orphans(&ctx.pods_dir, &live);
 }
 
 /// Sleeps `backoff` (doubling it up to 5 s for next time); false if shutdown came first.

@@ -13,7 +13,8 @@
 //! readiness drives `Ready`. Deletion: the API sets `deletionTimestamp`; the worker stops
 //! accepting connections, lets in-flight requests finish within the grace period (commands are
 //! stopped at once — WASI 0.2 has no signals), kills the rest, then deletes the pod with grace
-//! 0 and a uid precondition.
+//! 0 and a uid precondition. An emptyDir over its bound evicts the pod: stopped at once,
+//! volumes removed, `Failed`/`Evicted`, never restarted ([`crate::volumes`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -130,8 +131,11 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, mut updates: PodUpdates, shutdown: Canc
     let worker = PodWorker::start(ctx.clone(), &pref, &pod, ip, prev_status);
     let outcome = worker.run(&mut updates, &shutdown).await;
     ctx.ips.lock().expect("ip lock").release(&pref.uid);
-    if matches!(outcome, Outcome::Deleted) {
-        finalize_delete(&ctx, &pref).await;
+    match outcome {
+        Outcome::Deleted => finalize_delete(&ctx, &pref).await,
+        // Failed for good (not restarted); only its deletion is left to complete.
+        Outcome::Evicted(_) => wait_for_deletion(&ctx, &pref, &mut updates, &shutdown).await,
+        Outcome::Gone => {}
     }
 }
 
@@ -140,6 +144,8 @@ enum Outcome {
     Deleted,
     /// The object vanished from the API (force delete) or the agent is stopping.
     Gone,
+    /// An emptyDir went over its bound (volumes.rs): the message of the eviction.
+    Evicted(String),
 }
 
 struct PodWorker {
@@ -157,6 +163,8 @@ struct PodWorker {
     last_written: Option<serde_json::Value>,
     dir: PathBuf,
     logs: Vec<Arc<ContainerLog>>,
+    /// The pod's emptyDirs, measured by the node's volume monitor.
+    volumes: crate::volumes::Watch,
 }
 
 impl PodWorker {
@@ -169,8 +177,10 @@ impl PodWorker {
     ) -> PodWorker {
         let spec = &pod.spec;
         let policy = RestartPolicy::parse(spec.restart_policy.as_deref());
-        let memory =
-            sum_limits(&spec.containers, "memory", |q| q.bytes().ok()).map(|b| b.max(0) as usize);
+        let memory = Some(pod_memory_limit(
+            &spec.containers,
+            ctx.cfg.sandbox.default_memory_limit,
+        ));
         let cpu =
             sum_limits(&spec.containers, "cpu", |q| q.cpu_millis().ok()).map(|m| m.max(1) as u64);
         let budget = PodBudget::new(memory, cpu);
@@ -196,15 +206,20 @@ impl PodWorker {
         let mut runners = tokio::task::JoinSet::new();
         let mut containers = Vec::new();
         let mut logs = Vec::new();
+        let volumes_dir = crate::volumes::volumes_dir(&dir);
         let volumes: HashMap<String, PathBuf> = spec
             .volumes
             .iter()
             .filter(|v| v.empty_dir.is_some())
-            .map(|v| (v.name.clone(), dir.join("volumes").join(&v.name)))
+            .map(|v| (v.name.clone(), volumes_dir.join(&v.name)))
             .collect();
         for p in volumes.values() {
             let _ = std::fs::create_dir_all(p);
         }
+        let volume_watch = ctx.volumes.watch(
+            &pref.uid,
+            crate::volumes::empty_dirs(spec, &dir, ctx.volumes.limits()),
+        );
         for c in &spec.containers {
             let prev_cs = prev.container_statuses.iter().find(|s| s.name == c.name);
             let restart_count = prev_cs.map_or(0, |s| s.restart_count)
@@ -290,6 +305,7 @@ impl PodWorker {
             last_written: None,
             dir,
             logs,
+            volumes: volume_watch,
         }
     }
 
@@ -324,13 +340,17 @@ impl PodWorker {
                         Some(_) => {}
                     }
                 }
+                message = self.volumes.evicted() => break Outcome::Evicted(message),
                 _ = self.changed.notified() => self.write_status().await,
                 _ = resync.tick() => { self.last_written = None; self.write_status().await }
                 Some(_) = self.runners.join_next(), if !self.runners.is_empty() => self.write_status().await,
             }
         };
-        if matches!(outcome, Outcome::Gone) {
+        if matches!(outcome, Outcome::Gone | Outcome::Evicted(_)) {
             self.terminate(Duration::ZERO).await;
+        }
+        if let Outcome::Evicted(message) = &outcome {
+            self.report_eviction(message).await;
         }
         for log in &self.logs {
             log.close();
@@ -340,6 +360,33 @@ impl PodWorker {
             let _ = tokio::fs::remove_dir_all(&self.dir).await;
         }
         outcome
+    }
+
+    /// The rest of the kubelet's `evictPod` once the pod has stopped: its volumes are removed
+    /// and its status says `Failed`/`Evicted` and why (retried; it is never restarted).
+    async fn report_eviction(&mut self, message: &str) {
+        let _ = tokio::fs::remove_dir_all(crate::volumes::volumes_dir(&self.dir)).await;
+        let st = status::pod_status(StatusInput {
+            containers: self.containers.iter().map(|c| c.snapshot()).collect(),
+            policy: self.policy,
+            pod_ip: Some(self.ip.to_string()),
+            host_ip: &self.ctx.cfg.node_ip.to_string(),
+            start_time: self.start_time,
+            prev: &self.last_status,
+            now: Time::now(),
+        });
+        let body = json!({ "status": crate::volumes::evicted_status(st, message) });
+        let path = format!("{}/status", self.pref.path());
+        for attempt in 0..10u32 {
+            match self.ctx.api.merge_patch(&path, &body).await {
+                Ok(_) => return,
+                Err(e) if e.is_not_found() => return,
+                Err(e) => {
+                    tracing::warn!(pod = %self.pref.key(), error = %e, attempt, "writing the eviction failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await;
+                }
+            }
+        }
     }
 
     /// Stops the pod: HTTP components stop taking new connections and in-flight requests
@@ -394,6 +441,22 @@ impl PodWorker {
             }
         }
     }
+}
+
+/// The pod's memory budget: every container's `resources.limits.memory`, or the node's
+/// default for one without (a LimitRange-style default, applied by the node: every pod has a
+/// budget, so the host memory its guests drive is bounded too).
+fn pod_memory_limit(containers: &[Container], default: usize) -> usize {
+    containers
+        .iter()
+        .map(|c| {
+            c.resources
+                .limits
+                .get("memory")
+                .and_then(|q| q.bytes().ok())
+                .map_or(default, |b| b.max(0) as usize)
+        })
+        .fold(0usize, usize::saturating_add)
 }
 
 fn sum_limits(

@@ -40,9 +40,28 @@ pub struct AgentOpts {
     /// Concurrent wasm instances the pooling allocator reserves slots for.
     #[arg(long, default_value_t = 1000)]
     pub instance_slots: u32,
+    /// CPU-bound guests (ones that ran a whole 5 ms tick without returning) that run at once
+    /// on this node; the rest wait, parked, for a slot. Default: one less than the cores, at
+    /// least 1, so a core stays free for short requests, the proxy, DNS and heartbeats.
+    #[arg(long)]
+    pub guest_cpu_slots: Option<usize>,
+    /// Sockets all pods of this node may hold open at once (each pod also has its own budget
+    /// of 1024). Default: half of the open-file limit left after one listener per pod and
+    /// 1024 for the agent itself.
+    #[arg(long)]
+    pub max_guest_sockets: Option<usize>,
     /// Concurrent requests one pod serves; more wait up to 1 s, then get 503.
     #[arg(long, default_value_t = 256)]
     pub max_requests_per_pod: usize,
+    /// Live wasm instances (pool slots) one pod holds at once, its containers and requests
+    /// together; a request that finds none free within 1 s gets 503. Default: a quarter of
+    /// --instance-slots, so one busy pod cannot take the pool from its neighbours.
+    #[arg(long)]
+    pub max_instances_per_pod: Option<usize>,
+    /// Memory limit of a container without resources.limits.memory (like a LimitRange
+    /// default), so every pod has a memory budget; a Kubernetes quantity.
+    #[arg(long, default_value = "256Mi", value_parser = parse_memory)]
+    pub default_memory_limit: usize,
     /// OCI registries reached over plain HTTP (HOST:PORT), e.g. a local registry.
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
@@ -58,6 +77,15 @@ pub struct AgentOpts {
     /// REFUSED (no recursion).
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// The size bound of an emptyDir volume without a `sizeLimit` (a quantity: 512Mi, 2Gi).
+    #[arg(long, default_value = "1Gi")]
+    pub emptydir_default_limit: String,
+    /// Files, directories and links one emptyDir volume may hold.
+    #[arg(long, default_value_t = 65536)]
+    pub emptydir_inode_limit: u64,
+    /// How often the node measures every emptyDir against its bounds.
+    #[arg(long, default_value = "250ms", value_parser = super::parse_duration)]
+    pub emptydir_check_period: Duration,
 }
 
 impl AgentOpts {
@@ -72,13 +100,54 @@ impl AgentOpts {
         cfg.backoff_base = self.backoff_base;
         cfg.backoff_max = self.backoff_max;
         cfg.instance_slots = self.instance_slots;
+        if self.max_guest_sockets == Some(0) {
+            bail!("--max-guest-sockets must be at least 1");
+        }
+        cfg.max_guest_sockets = self.max_guest_sockets;
+        if let Some(n) = self.guest_cpu_slots {
+            if n == 0 {
+                bail!("--guest-cpu-slots must be at least 1");
+            }
+            cfg.guest_cpu_slots = n;
+        }
         cfg.sandbox.max_concurrent_requests = self.max_requests_per_pod;
+        cfg.sandbox.max_instances = match self.max_instances_per_pod {
+            Some(0) => bail!("--max-instances-per-pod must be at least 1"),
+            Some(n) => n,
+            None => wasmctl_node_agent::runtime::pod::default_max_instances(self.instance_slots),
+        };
+        cfg.sandbox.default_memory_limit = self.default_memory_limit;
         cfg.insecure_registries = self.insecure_registries.clone();
         cfg.proxy_max_connections = self.proxy_max_connections;
         cfg.dns.listen = self.dns_listen;
         cfg.dns.cluster_domain = self.cluster_domain.clone();
+        let q = wasmctl_api::Quantity::from(self.emptydir_default_limit.as_str());
+        match q.bytes() {
+            Ok(b) if b > 0 => cfg.volumes.default_size_limit = q,
+            Ok(_) => bail!("--emptydir-default-limit must be positive"),
+            Err(e) => bail!("invalid --emptydir-default-limit: {e}"),
+        }
+        if self.emptydir_inode_limit == 0 {
+            bail!("--emptydir-inode-limit must be at least 1");
+        }
+        cfg.volumes.max_inodes = self.emptydir_inode_limit;
+        if self.emptydir_check_period < Duration::from_millis(10) {
+            bail!("--emptydir-check-period must be at least 10ms");
+        }
+        cfg.volumes.period = self.emptydir_check_period;
         Ok(cfg)
     }
+}
+
+/// A memory quantity (`256Mi`, `1G`, `134217728`) in bytes, at least 1 MiB.
+fn parse_memory(s: &str) -> Result<usize, String> {
+    let bytes = wasmctl_api::Quantity(s.to_string())
+        .bytes()
+        .map_err(|e| format!("invalid memory quantity {s:?}: {e}"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("{s:?} is less than 1Mi"));
+    }
+    usize::try_from(bytes).map_err(|_| format!("{s:?} is too large"))
 }
 
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {

@@ -30,6 +30,10 @@ pub struct ServerArgs {
     /// Concurrent watches; more get 429.
     #[arg(long, default_value_t = 2048)]
     pub max_watches: usize,
+    /// Lists served at once (each holds its items and its answer in memory until the answer
+    /// is written); more wait up to 2 s for a slot, then get 429.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_lists: u64,
     /// (Boxed: keeps the `wasmctl` subcommand enum within clippy's `large_enum_variant`
     /// bound, `up` flattening all of these.)
     #[command(flatten)]
@@ -86,6 +90,7 @@ impl ServerArgs {
         cfg.bookmark_interval = self.bookmark_interval;
         cfg.max_connections = self.max_connections;
         cfg.max_watches = self.max_watches;
+        cfg.max_lists = usize::try_from(self.max_lists).unwrap_or(usize::MAX);
         if let Some(t) = self.api_timeouts.request_header_timeout {
             cfg.api_timeouts.request_header = t;
         }

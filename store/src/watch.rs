@@ -56,6 +56,18 @@ impl WatchStream {
         self.last_seen
     }
 
+    /// The revision this stream has delivered everything up to: every event of its prefix at
+    /// or below it has been returned by [`WatchStream::next`], including the store's writes to
+    /// other keys that it skipped. A bookmark at this revision lets a quiet watch resume from
+    /// a revision still inside the history. (Below [`WatchStream::last_revision`] while events
+    /// read from the history are still queued.)
+    pub fn progress_revision(&self) -> u64 {
+        match self.ready.front() {
+            Some(next) => next.revision - 1,
+            None => self.last_seen,
+        }
+    }
+
     /// The next event, in revision order. `None` once the store has shut down (or after an
     /// error has been returned). Errors: [`StoreError::Compacted`] if the history needed was
     /// compacted, [`StoreError::WatchLagged`] if the live channel overflowed; the stream ends

@@ -365,3 +365,41 @@ async fn the_agent_endpoint_is_closed_to_strangers() {
         "the agent endpoint kept a connection with half a request head open for 25 s"
     );
 }
+
+/// Review leftover of item 2: the pods of a node together hold at most the node's socket
+/// budget (`--max-guest-sockets`), so many pods at their own budget of 1024 cannot take the
+/// agent's file descriptors; a socket given back is available to the others again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pods_of_a_node_share_its_socket_budget() {
+    let c = Cluster::start(&["--max-guest-sockets", "1500"]).await;
+    c.push("hostile", "hostile:v1");
+    c.create_pod(hostile_pod("hoard-a", None)).await;
+    c.create_pod(hostile_pod("hoard-b", None)).await;
+    let a = pod_ip(&c.wait_ready("hoard-a").await);
+    let b = pod_ip(&c.wait_ready("hoard-b").await);
+    // hoard-a holds 1000 sockets for a while (and says so in its log once it has them all);
+    // meanwhile hoard-b gets only what is left of the node's 1500.
+    let holding = {
+        let a = a.clone();
+        tokio::spawn(async move { attempt(&a, "sockets?n=1000&hold_ms=6000").await })
+    };
+    wait_for(
+        std::time::Duration::from_secs(30),
+        "hoard-a to hold its sockets",
+        || async {
+            let out = c.server.wasmctl(&["logs", "hoard-a"]);
+            stdout(&out).contains("holding 1000 sockets").then_some(())
+        },
+    )
+    .await;
+    let (code, got) = attempt(&b, "sockets?n=1000").await;
+    assert_eq!(code, 200, "{got}");
+    assert!(got.contains("held 500 sockets"), "{got}");
+    assert!(got.contains("No file descriptors"), "{got}");
+    let (code, body) = holding.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("held 1000 sockets"), "{body}");
+    // Given back: hoard-b gets its 1000 again.
+    let (_, body) = attempt(&b, "sockets?n=1000").await;
+    assert!(body.contains("held 1000 sockets"), "{body}");
+}

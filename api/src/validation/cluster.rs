@@ -33,6 +33,19 @@ impl Kind for Namespace {
                 &["Active", "Terminating"],
                 errs,
             );
+            // kube's ValidateNamespaceStatusUpdate: the phase follows deletionTimestamp.
+            let deleting = self.metadata.deletion_timestamp.is_some();
+            match s.phase.as_deref() {
+                Some("Active") if deleting => errs.invalid(
+                    "status.Phase",
+                    "Invalid value: \"Active\": may only be 'Terminating' if `deletionTimestamp` is not empty",
+                ),
+                Some("Terminating") if !deleting => errs.invalid(
+                    "status.Phase",
+                    "Invalid value: \"Terminating\": may only be 'Active' if `deletionTimestamp` is empty",
+                ),
+                _ => {}
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,7 +34,7 @@ use wasmctl_api::{FieldSelector, Selector};
 
 use crate::error::ApiError;
 use crate::modules::{self, ModuleError, ModuleRegistry, TagRef};
-use crate::objects::{ListOptions, Objects, Subresource};
+use crate::objects::{ListGate, ListOptions, Objects, Subresource};
 use conn::{ConnTracker, Expiry, TrackedBody, TrackedIo, IDLE_CLOSE_GRACE};
 
 pub use conn::ConnTimeouts;
@@ -53,6 +53,8 @@ pub struct ApiConfig {
     pub max_connections: usize,
     /// Concurrent watches; more get 429.
     pub max_watches: usize,
+    /// Lists served at once (`--max-lists`); more wait a little, then get 429.
+    pub max_lists: usize,
     /// Interval between bookmarks for watches that ask for them.
     pub bookmark_interval: Duration,
     /// Upper bound of a watch's lifetime when the client gives no `timeoutSeconds`.
@@ -67,6 +69,7 @@ impl ApiConfig {
             listen,
             max_connections: 1024,
             max_watches: 2048,
+            max_lists: 32,
             bookmark_interval: Duration::from_secs(60),
             max_watch_duration: Duration::from_secs(1800),
             timeouts: ConnTimeouts::default(),
@@ -83,6 +86,8 @@ pub struct ApiState {
     pub token: String,
     pub config: ApiConfig,
     pub watches: Arc<Semaphore>,
+    /// Lists in progress, up to `max_lists`.
+    pub lists: ListGate,
     pub shutdown: CancellationToken,
     pub server_address: String,
 }
@@ -199,6 +204,37 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
+/// A list's answer: `v` encoded off the async workers, sent in frames so that `permit` (its
+/// [`ListGate`] slot) is held until all but the last frame has been taken by the connection.
+async fn list_response(
+    v: impl FnOnce() -> Value + Send + 'static,
+    permit: OwnedSemaphorePermit,
+) -> Result<Response<Body>, ApiError> {
+    const FRAME: usize = 64 * 1024;
+    let body = tokio::task::spawn_blocking(move || {
+        let mut body = serde_json::to_vec(&v()).expect("JSON values serialise");
+        body.push(b'\n');
+        Bytes::from(body)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("encoding a list: {e}")))?;
+    let frames = futures_util::stream::unfold((body, permit), |(mut rest, permit)| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        let frame = rest.split_to(FRAME.min(rest.len()));
+        Some((
+            Ok::<_, Infallible>(http_body::Frame::data(frame)),
+            (rest, permit),
+        ))
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::StreamBody::new(frames).boxed())
+        .expect("valid response"))
+}
+
 pub fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
     let mut body = serde_json::to_vec(v).expect("JSON values serialise");
     body.push(b'\n');
@@ -219,9 +255,10 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
             HeaderValue::from_static("Bearer realm=\"wasmctl\""),
         );
     }
-    if matches!(code.as_u16(), 429 | 503) {
+    // As kube-apiserver: a Status that says when to retry says it in `Retry-After` too.
+    if let Some(secs) = st.details.as_ref().and_then(|d| d.retry_after_seconds) {
         resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }
@@ -404,7 +441,19 @@ fn list_options(q: &Query) -> Result<ListOptions, ApiError> {
             .get("continue")
             .filter(|c| !c.is_empty())
             .map(String::from),
+        min_revision: resource_version(q)?.unwrap_or(0),
     })
+}
+
+/// The request's `resourceVersion`, if it names one ("" is none).
+fn resource_version(q: &Query) -> Result<Option<u64>, ApiError> {
+    q.get("resourceVersion")
+        .filter(|v| !v.is_empty())
+        .map(|rv| {
+            rv.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest(format!("resourceVersion: invalid value {rv:?}")))
+        })
+        .transpose()
 }
 
 /// Does the client ask for a `Table` (`kubectl get`, `wasmctl get`)?
@@ -506,27 +555,37 @@ async fn route_request(
                 }
                 Method::GET => {
                     let opts = list_options(&q)?;
+                    let as_table = wants_table(&req);
+                    let include = include_object(&q);
+                    let permit = state.lists.enter().await?;
                     let page = state.objects.list(info, ns, &opts).await?;
-                    if wants_table(&req) {
-                        return ok(table::table(
-                            info,
-                            &page.items,
-                            &page.resource_version.to_string(),
-                            page.continue_token.as_deref(),
-                            include_object(&q),
-                            chrono::Utc::now(),
-                        ));
-                    }
-                    let mut meta = json!({"resourceVersion": page.resource_version.to_string()});
-                    if let Some(c) = page.continue_token {
-                        meta["continue"] = json!(c);
-                    }
-                    ok(json!({
-                        "kind": format!("{}List", info.kind),
-                        "apiVersion": info.api_version(),
-                        "metadata": meta,
-                        "items": page.items,
-                    }))
+                    list_response(
+                        move || {
+                            if as_table {
+                                return table::table(
+                                    info,
+                                    &page.items,
+                                    &page.resource_version.to_string(),
+                                    page.continue_token.as_deref(),
+                                    include,
+                                    chrono::Utc::now(),
+                                );
+                            }
+                            let mut meta =
+                                json!({"resourceVersion": page.resource_version.to_string()});
+                            if let Some(c) = page.continue_token {
+                                meta["continue"] = json!(c);
+                            }
+                            json!({
+                                "kind": format!("{}List", info.kind),
+                                "apiVersion": info.api_version(),
+                                "metadata": meta,
+                                "items": page.items,
+                            })
+                        },
+                        permit,
+                    )
+                    .await
                 }
                 Method::POST => {
                     let dry_run = q.get("dryRun").is_some();
@@ -542,6 +601,7 @@ async fn route_request(
                     let opts = list_options(&q)?;
                     let (_, body) = read_body(req).await?;
                     let dopts = delete_options(&q, &body)?;
+                    let _permit = state.lists.enter().await?;
                     let page = state.objects.list(info, ns, &opts).await?;
                     let mut deleted = Vec::new();
                     for item in page.items {

@@ -7,6 +7,12 @@
 //! ended with a 410 `Expired` error event. A watch ends at its deadline and at shutdown even
 //! while its client is not reading (its queue full), releasing its slot and its place in the
 //! broadcast ring.
+//!
+//! A bookmark carries the store revision the watch has seen everything up to — writes to other
+//! kinds included — as kube-apiserver's do, so a watch of a quiet kind resumes from a revision
+//! still in the history instead of falling out of it and re-listing. A watch from a
+//! `resourceVersion` the store has not reached waits up to 3 s for it, then gets 504 "Too large
+//! resource version" (rather than silently skipping every event up to it).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -142,6 +148,8 @@ pub async fn watch(
     let mut list_opts = list_options(q)?;
     list_opts.limit = 0;
     list_opts.continue_token = None;
+    // A watch's resourceVersion is where it starts, checked below.
+    list_opts.min_revision = 0;
     let bookmarks = q.flag("allowWatchBookmarks");
     let send_initial = q.get("sendInitialEvents").map(|v| v == "true");
     let timeout = match q.int("timeoutSeconds")? {
@@ -154,15 +162,23 @@ pub async fn watch(
     // Unset or "0": start with the current state as ADDED events (as kube-apiserver does),
     // as does sendInitialEvents=true.
     let initial_state = matches!(rv, None | Some("0")) || send_initial == Some(true);
-    let (initial, start_rev) = if initial_state {
+    let requested = rv
+        .map(|rv| {
+            rv.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest(format!("resourceVersion: invalid value {rv:?}")))
+        })
+        .transpose()?
+        .unwrap_or(0);
+    if requested > 0 {
+        objects.wait_for_revision(requested).await?;
+    }
+    // The initial state holds a list slot until it has been sent.
+    let (initial, start_rev, list_permit) = if initial_state {
+        let permit = state.lists.enter().await?;
         let page = objects.list(info, ns, &list_opts).await?;
-        (page.items, page.resource_version)
+        (page.items, page.resource_version, Some(permit))
     } else {
-        let rv = rv.unwrap_or("0");
-        let n = rv
-            .parse::<u64>()
-            .map_err(|_| ApiError::BadRequest(format!("resourceVersion: invalid value {rv:?}")))?;
-        (Vec::new(), n)
+        (Vec::new(), requested, None)
     };
     let mut events = objects.store().watch(&info.key_prefix(ns), start_rev)?;
 
@@ -180,12 +196,13 @@ pub async fn watch(
     tokio::spawn(async move {
         let _permit = permit;
         let deadline = Instant::now() + timeout;
-        let mut last_rev = start_rev;
         for obj in &initial {
             if !send(&tx, enc.event("ADDED", obj), deadline, &shutdown).await {
                 return;
             }
         }
+        drop(initial);
+        drop(list_permit);
         if send_initial == Some(true)
             && !send(&tx, enc.bookmark(start_rev, true), deadline, &shutdown).await
         {
@@ -199,7 +216,9 @@ pub async fn watch(
                 _ = tokio::time::sleep_until(deadline) => return,
                 _ = tx.closed() => return,
                 _ = ticker.tick(), if bookmarks => {
-                    if !send(&tx, enc.bookmark(last_rev, false), deadline, &shutdown).await {
+                    // Everything up to here was sent: the store's progress, not this kind's.
+                    let rev = events.progress_revision();
+                    if !send(&tx, enc.bookmark(rev, false), deadline, &shutdown).await {
                         return;
                     }
                 }
@@ -212,7 +231,6 @@ pub async fn watch(
                         return;
                     }
                     Some(Ok(ev)) => {
-                        last_rev = ev.revision;
                         if let Some((t, obj)) = translate(&objects, &list_opts, &ev) {
                             if !send(&tx, enc.event(t, &obj), deadline, &shutdown).await {
                                 return;

@@ -2,18 +2,22 @@
 //! same name listing the pods the selector matches, as Kubernetes' endpoints controller does.
 //!
 //! [`plan`] is the whole decision (which pods, ready or not, on which ports) as a pure
-//! function of the Service and its namespace's pods; [`EndpointsController`] writes the result
+//! function of the Service, its namespace's pods and the [`AddressRules`] the API server checks
+//! Endpoints addresses against (a pod whose `status.podIP` they refuse — forged outside its
+//! node's pod CIDR, say — is left out, rather than failing every write of the Service's
+//! Endpoints); [`EndpointsController`] writes the result
 //! when it differs from what is stored, and deletes the Endpoints once the Service is gone.
 //! Endpoints have no ownerReferences (Kubernetes sets none); a Service without a selector
 //! leaves its Endpoints to the user.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use wasmctl_api::core::{
-    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Pod, Service,
+    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Node, ObjectReference, Pod, Service,
     ServicePort,
 };
 use wasmctl_api::meta::{DeleteOptions, IntOrString};
@@ -24,7 +28,9 @@ use wasmctl_api::validation::{special_ip_reason, CLUSTER_IP_NONE};
 use super::cache::{split_key, Cache};
 use super::replicaset::{namespace_pods, ready_since};
 use super::{pods, Ctx, Reconciler, WorkQueue};
+use crate::allocator::Ipv4Cidr;
 use crate::error::ApiError;
+use crate::objects::{endpoint_refusal, NodeNets};
 
 /// At most this many addresses in one Endpoints object (Kubernetes' `maxCapacity`); beyond,
 /// ready addresses are kept first and the object is annotated [`OVER_CAPACITY`].
@@ -69,6 +75,38 @@ pub fn should_be_in_endpoints(p: &Pod) -> bool {
     has_ip && !finished && p.metadata.deletion_timestamp.is_none()
 }
 
+/// What the API server checks a new Endpoints address against (`objects/endpoints.rs`): the
+/// Service cluster IP range and the Nodes' addresses and pod CIDRs, here as the cache shows
+/// them. The default refuses nothing beyond [`should_be_in_endpoints`].
+#[derive(Debug, Default)]
+pub struct AddressRules {
+    cluster_ip: Option<Ipv4Cidr>,
+    nodes: NodeNets,
+}
+
+impl AddressRules {
+    pub fn new<'a>(cluster_ip: Ipv4Cidr, nodes: impl IntoIterator<Item = &'a Node>) -> Self {
+        AddressRules {
+            cluster_ip: Some(cluster_ip),
+            nodes: NodeNets::from_nodes(nodes),
+        }
+    }
+
+    /// Why the API server would refuse `p`'s pod IP in an Endpoints address, or `None`.
+    pub fn refusal(&self, p: &Pod) -> Option<String> {
+        let ip = p.status.as_ref()?.pod_ip.as_deref()?;
+        let ip = ip.parse::<IpAddr>().ok()?.to_canonical();
+        let range = self.cluster_ip;
+        let service_range = |v4| {
+            range
+                .filter(|r| r.contains(v4))
+                .map(|r| format!("may not be in the service IP range ({r})"))
+        };
+        let node = p.spec.node_name.as_deref().filter(|n| !n.is_empty());
+        endpoint_refusal(ip, node, service_range, &self.nodes)
+    }
+}
+
 /// The pod's port for a Service port (Kubernetes' `FindPort`): a number as is; a name
 /// through the pod's container ports of the same protocol, `None` if it has no such port.
 pub fn find_port(p: &Pod, sp: &ServicePort) -> Option<i32> {
@@ -94,8 +132,8 @@ pub fn find_port(p: &Pod, sp: &ServicePort) -> Option<i32> {
 type PortKey = (Option<String>, i32, String);
 
 /// The Endpoints of `svc` given every pod of its namespace; `None` when the Service has no
-/// selector (its Endpoints, if any, are the user's).
-pub fn plan(svc: &Service, pods: &[Pod]) -> Option<EpPlan> {
+/// selector (its Endpoints, if any, are the user's). Pods whose IP `rules` refuse are left out.
+pub fn plan(svc: &Service, pods: &[Pod], rules: &AddressRules) -> Option<EpPlan> {
     if svc.spec.selector.is_empty() {
         return None;
     }
@@ -106,6 +144,11 @@ pub fn plan(svc: &Service, pods: &[Pod]) -> Option<EpPlan> {
         BTreeMap::new();
     for p in pods {
         if !selector.matches(&p.metadata.labels) || !should_be_in_endpoints(p) {
+            continue;
+        }
+        if let Some(why) = rules.refusal(p) {
+            tracing::debug!(pod = %p.metadata.name, service = %svc.metadata.name, %why,
+                "pod left out of Endpoints: its IP cannot be an endpoint");
             continue;
         }
         let mut ports = BTreeSet::new();
@@ -309,7 +352,13 @@ impl Reconciler for EndpointsController {
         };
         let svc: Service = serde_json::from_value(Value::clone(&obj))
             .map_err(|e| ApiError::Internal(format!("decoding {key}: {e}")))?;
-        let Some(p) = plan(&svc, &namespace_pods(cache, ns)) else {
+        let nodes: Vec<Node> = cache
+            .list(&super::info("v1", "Node").key_prefix(None))
+            .iter()
+            .filter_map(|v| serde_json::from_value(Value::clone(v)).ok())
+            .collect();
+        let rules = AddressRules::new(self.ctx.objects.service_ranges().cluster_ip, &nodes);
+        let Some(p) = plan(&svc, &namespace_pods(cache, ns), &rules) else {
             return Ok(None);
         };
         let subsets = serde_json::to_value(&p.subsets).expect("subsets serialise");
@@ -455,7 +504,7 @@ mod tests {
             no_ip,
             other_app,
         ];
-        let p = plan(&svc, &pods).unwrap();
+        let p = plan(&svc, &pods, &AddressRules::default()).unwrap();
         assert_eq!(p.subsets.len(), 1);
         let ss = &p.subsets[0];
         assert_eq!(ips(&ss.addresses), ["127.20.0.1"]);
@@ -498,7 +547,7 @@ mod tests {
             pod("c", "127.20.0.3", true, &[("web", 8080)]),
             pod("d", "127.20.0.4", false, &[("http", 8080)]),
         ];
-        let p = plan(&svc, &pods).unwrap();
+        let p = plan(&svc, &pods, &AddressRules::default()).unwrap();
         type Summary<'a> = (Vec<(Option<&'a str>, i32)>, Vec<&'a str>, Vec<&'a str>);
         let summary: Vec<Summary> = p
             .subsets
@@ -536,17 +585,29 @@ mod tests {
     fn without_a_selector_the_endpoints_are_the_users() {
         let mut svc = service(&[("http", 80, IntOrString::Int(8080))]);
         svc.spec.selector.clear();
-        assert_eq!(plan(&svc, &[pod("a", "127.20.0.1", true, &[])]), None);
+        assert_eq!(
+            plan(
+                &svc,
+                &[pod("a", "127.20.0.1", true, &[])],
+                &AddressRules::default()
+            ),
+            None
+        );
     }
 
     #[test]
     fn no_matching_pods_give_no_subsets_and_headless_is_labelled() {
         let mut svc = service(&[("http", 80, IntOrString::Int(8080))]);
-        let p = plan(&svc, &[]).unwrap();
+        let p = plan(&svc, &[], &AddressRules::default()).unwrap();
         assert!(p.subsets.is_empty());
         svc.spec.cluster_ip = Some("None".into());
         svc.spec.ports.clear();
-        let p = plan(&svc, &[pod("a", "127.20.0.1", true, &[])]).unwrap();
+        let p = plan(
+            &svc,
+            &[pod("a", "127.20.0.1", true, &[])],
+            &AddressRules::default(),
+        )
+        .unwrap();
         assert_eq!(p.labels.get(HEADLESS).map(String::as_str), Some(""));
         assert_eq!(ips(&p.subsets[0].addresses), ["127.20.0.1"]);
         assert!(p.subsets[0].ports.is_empty());
@@ -560,7 +621,7 @@ mod tests {
         a.spec.subdomain = Some("web".into());
         let mut b = pod("b", "127.20.0.2", true, &[]);
         b.spec.hostname = Some("b-host".into());
-        let p = plan(&svc, &[a, b]).unwrap();
+        let p = plan(&svc, &[a, b], &AddressRules::default()).unwrap();
         let hosts: Vec<Option<&str>> = p.subsets[0]
             .addresses
             .iter()
@@ -578,7 +639,7 @@ mod tests {
                 pod(&format!("p{i}"), &ip, i >= 20, &[])
             })
             .collect();
-        let p = plan(&svc, &pods).unwrap();
+        let p = plan(&svc, &pods, &AddressRules::default()).unwrap();
         assert!(p.truncated);
         let ss = &p.subsets[0];
         assert_eq!(
@@ -598,7 +659,7 @@ mod tests {
             pod("metadata", "169.254.169.254", true, &[]),
             pod("junk", "not-an-ip", true, &[]),
         ];
-        let p = plan(&svc, &pods).unwrap();
+        let p = plan(&svc, &pods, &AddressRules::default()).unwrap();
         let ips: Vec<&str> = p
             .subsets
             .iter()
@@ -607,10 +668,53 @@ mod tests {
         assert_eq!(ips, ["127.20.0.1"]);
     }
 
+    /// Leftover of issue 11: a pod whose `status.podIP` is forged outside its node's pod CIDR
+    /// (or is a node's address, or in the service range) made every write of its Service's
+    /// Endpoints fail with 422; it is left out, as the server would refuse it.
+    #[test]
+    fn pods_whose_ip_the_server_refuses_in_endpoints_are_left_out() {
+        let svc = service(&[("http", 80, IntOrString::Int(8080))]);
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-1"},
+            "spec": {"podCIDR": "127.20.0.0/16"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "127.250.0.1"}]}}))
+        .unwrap();
+        let rules = AddressRules::new("127.96.0.0/16".parse().unwrap(), [&node]);
+        let pods = [
+            pod("good", "127.20.0.1", true, &[]),
+            pod("forged", "127.21.0.5", true, &[]),
+            pod("node-address", "127.250.0.1", true, &[]),
+            pod("cluster-ip", "127.96.0.7", false, &[]),
+        ];
+        let p = plan(&svc, &pods, &rules).unwrap();
+        let ips: Vec<&str> = p
+            .subsets
+            .iter()
+            .flat_map(|s| s.addresses.iter().chain(&s.not_ready_addresses))
+            .map(|a| a.ip.as_str())
+            .collect();
+        assert_eq!(ips, ["127.20.0.1"]);
+        // Exactly the server's refusals: what the write check would say of each.
+        let why: Vec<Option<String>> = pods.iter().map(|p| rules.refusal(p)).collect();
+        assert_eq!(
+            why,
+            [
+                None,
+                Some(r#"is not inside the pod CIDR of node "node-1" (127.20.0.0/16)"#.into()),
+                Some(r#"may not be the address of node "node-1""#.into()),
+                Some("may not be in the service IP range (127.96.0.0/16)".into()),
+            ]
+        );
+    }
+
     #[test]
     fn up_to_date_compares_subsets_labels_and_the_capacity_annotation() {
         let svc = service(&[("http", 80, IntOrString::Int(8080))]);
-        let p = plan(&svc, &[pod("a", "127.20.0.1", true, &[])]).unwrap();
+        let p = plan(
+            &svc,
+            &[pod("a", "127.20.0.1", true, &[])],
+            &AddressRules::default(),
+        )
+        .unwrap();
         let mut ep = Endpoints {
             subsets: p.subsets.clone(),
             ..Default::default()

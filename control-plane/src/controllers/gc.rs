@@ -10,7 +10,9 @@
 //!   it, then the finalizer goes.
 //!
 //! Work is keyed by store key (any kind). An owner's presence is confirmed with a
-//! linearizable read of the store, never from the cache alone.
+//! linearizable read of the store, never from the cache alone, and a dependent is deleted with
+//! its cached uid as a precondition (`preconditions.uid`), so an object re-created under the
+//! same name meanwhile is never deleted in its place.
 
 use std::time::Duration;
 
@@ -187,7 +189,9 @@ impl GarbageCollector {
                 propagation_policy: Some("Background".into()),
                 ..Default::default()
             };
-            self.ctx.delete(info, ns, name, &opts).await?;
+            // Only the object whose owners were checked, not one re-created under its name.
+            let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
+            self.ctx.delete_uid(info, ns, name, uid, opts).await?;
         } else {
             let uid = obj["metadata"]["uid"].clone();
             let res = self
@@ -234,7 +238,8 @@ impl GarbageCollector {
                     propagation_policy: Some("Foreground".into()),
                     ..Default::default()
                 };
-                self.ctx.delete(dinfo, dns, dname, &opts).await?;
+                let duid = dep["metadata"]["uid"].as_str().unwrap_or_default();
+                self.ctx.delete_uid(dinfo, dns, dname, duid, opts).await?;
             }
         }
         if blocking > 0 {
@@ -321,6 +326,52 @@ mod tests {
         let (info, ns, name) = parse_key("nodes/node-1").unwrap();
         assert_eq!((info.kind, ns, name), ("Node", None, "node-1"));
         assert!(parse_key("nonsense").is_none());
+    }
+
+    /// Issue 11, item 21: the collector deleted a dependent by name, so an object re-created
+    /// under that name after the cache saw the orphan was deleted in its place.
+    #[tokio::test]
+    async fn an_object_recreated_under_an_orphans_name_is_not_collected() {
+        use crate::controllers::tests::{open, stale_cache};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (store, objects) = open(dir.path()).await;
+        let leases = registry::resolve("leases").expect("served");
+        let lease = |name: &str, owner: Option<&Value>| {
+            let mut v = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name}, "spec": {}});
+            if let Some(o) = owner {
+                v["metadata"]["ownerReferences"] = json!([{"apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease", "name": o["metadata"]["name"], "uid": o["metadata"]["uid"]}]);
+            }
+            v
+        };
+        let ns = Some("default");
+        let owner = objects
+            .create(leases, ns, lease("owner", None))
+            .await
+            .unwrap();
+        objects
+            .create(leases, ns, lease("dep", Some(&owner)))
+            .await
+            .unwrap();
+        // The cache saw the dependent; then its owner went, and it was replaced.
+        let cache = stale_cache(&store).await;
+        let opts = DeleteOptions::default();
+        objects.delete(leases, ns, "owner", &opts).await.unwrap();
+        objects.delete(leases, ns, "dep", &opts).await.unwrap();
+        let fresh = objects
+            .create(leases, ns, lease("dep", None))
+            .await
+            .unwrap();
+
+        let gc = GarbageCollector::new(Ctx::new(objects.clone(), cache));
+        gc.reconcile(&leases.key("default", "dep")).await.unwrap();
+        let now = objects.get(leases, ns, "dep").await;
+        assert_eq!(
+            now.map(|v| v["metadata"]["uid"].clone()).ok(),
+            Some(fresh["metadata"]["uid"].clone()),
+            "the re-created object was collected"
+        );
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! periodic resync; nothing is remembered between reconciles except what is in the store, so
 //! a restarted server picks up exactly where the old one stopped (the first list enqueues
 //! every object). Controllers act only while this server is the Raft leader.
+//!
+//! A reconcile starts only once the cache shows the controller's own last write
+//! ([`Ctx::catch_up`]); if it does not within [`CATCH_UP`], the key is put back with the
+//! queue's back-off instead of being reconciled on the stale view.
 
 pub mod cache;
 pub mod deployment;
@@ -68,6 +72,8 @@ pub struct Ctx {
     pub objects: Objects,
     pub cache: Cache,
     written: Arc<AtomicU64>,
+    /// How long [`Ctx::catch_up`] waits ([`CATCH_UP`]; shorter in tests).
+    catch_up: Duration,
 }
 
 impl Ctx {
@@ -76,6 +82,7 @@ impl Ctx {
             objects,
             cache,
             written: Arc::new(AtomicU64::new(0)),
+            catch_up: CATCH_UP,
         }
     }
 
@@ -89,15 +96,11 @@ impl Ctx {
         }
     }
 
-    /// Waits until the cache reflects every write this controller made.
-    pub async fn catch_up(&self) {
+    /// Waits (at most [`CATCH_UP`]) until the cache reflects every write this controller
+    /// made; false if it still does not.
+    pub async fn catch_up(&self) -> bool {
         let rev = self.written.load(Ordering::Acquire);
-        if rev > self.cache.revision() && !self.cache.wait_for(rev, CATCH_UP).await {
-            tracing::warn!(
-                revision = rev,
-                "controller cache did not catch up with a write"
-            );
-        }
+        rev <= self.cache.revision() || self.cache.wait_for(rev, self.catch_up).await
     }
 
     pub async fn create(
@@ -167,6 +170,34 @@ impl Ctx {
             Err(e) => Err(e),
         }
     }
+
+    /// Deletes `name` only while it is still the object with `uid` (`preconditions.uid`, as
+    /// Kubernetes' controllers delete), so that an object re-created under the same name since
+    /// the cache saw the old one is never deleted by mistake. Gone or replaced counts as done.
+    pub async fn delete_uid(
+        &self,
+        info: &ResourceInfo,
+        ns: Option<&str>,
+        name: &str,
+        uid: &str,
+        opts: wasmctl_api::meta::DeleteOptions,
+    ) -> Result<(), ApiError> {
+        let mut opts = opts;
+        opts.preconditions = Some(wasmctl_api::meta::Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: opts.preconditions.and_then(|p| p.resource_version),
+        });
+        match self.delete(info, ns, name, &opts).await {
+            Err(conflict @ ApiError::Conflict { .. }) => {
+                match self.objects.get(info, ns, name).await {
+                    Ok(v) if v["metadata"]["uid"] == uid => Err(conflict),
+                    Ok(_) | Err(ApiError::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 /// The outcome of a conditional write that may be moot: the object is gone (`NotFound`), or
@@ -224,6 +255,15 @@ pub async fn run<R: Reconciler>(
             queue.add_after(&key, Duration::from_secs(1));
             continue;
         }
+        // Never decide on a view that misses this controller's own writes: it would act on
+        // them again (create a second pod, delete one more).
+        if !ctx.catch_up().await {
+            let delay = queue.retry(&key);
+            tracing::warn!(controller = R::NAME, %key, revision = ctx.written.load(Ordering::Acquire),
+                cache = ctx.cache.revision(), retry_in = ?delay,
+                "the cache has not caught up with this controller's writes; requeued");
+            continue;
+        }
         match r.reconcile(&key).await {
             Ok(again) => {
                 queue.forget(&key);
@@ -236,7 +276,6 @@ pub async fn run<R: Reconciler>(
                 tracing::info!(controller = R::NAME, %key, error = %e, retry_in = ?delay, "reconcile failed");
             }
         }
-        ctx.catch_up().await;
     }
 }
 
@@ -340,4 +379,106 @@ pub fn start(objects: Objects, cfg: ControllerConfig, shutdown: CancellationToke
     ));
     tasks.spawn(cache.run(shutdown));
     tasks
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use serde_json::json;
+    use wasmctl_store::{Store, StoreConfig};
+
+    use super::*;
+
+    /// A store with the system namespaces, and its objects.
+    pub(crate) async fn open(dir: &std::path::Path) -> (Store, Objects) {
+        let mut cfg = StoreConfig::new(dir);
+        cfg.fsync = false;
+        let store = Store::open(cfg).await.expect("store opens");
+        let objects = Objects::new(store.clone(), CancellationToken::new());
+        objects.bootstrap().await.expect("bootstrap");
+        (store, objects)
+    }
+
+    /// A cache that followed the store up to now and then stopped (its view stays as it was).
+    pub(crate) async fn stale_cache(store: &Store) -> Cache {
+        let cache = Cache::new(store.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(cache.clone().run(stop.clone()));
+        assert!(cache.wait_synced(&CancellationToken::new()).await);
+        stop.cancel();
+        task.await.expect("cache task");
+        cache
+    }
+
+    pub(crate) async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    struct Counting(Arc<AtomicUsize>);
+
+    impl Reconciler for Counting {
+        const NAME: &'static str = "counting";
+        fn resync_prefix(&self) -> Option<String> {
+            None
+        }
+        async fn reconcile(&self, _key: &str) -> Result<Option<Duration>, ApiError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(None)
+        }
+    }
+
+    /// Issue 11, item 21: after the catch-up timeout a controller went on to reconcile on a
+    /// cache that missed its own write; it must put the key back (with back-off) instead, and
+    /// reconcile it once the cache has caught up.
+    #[tokio::test]
+    async fn a_cache_behind_the_controllers_writes_requeues_instead_of_reconciling() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (store, objects) = open(dir.path()).await;
+        let cache = stale_cache(&store).await;
+        let mut ctx = Ctx::new(objects.clone(), cache.clone());
+        ctx.catch_up = Duration::from_millis(100);
+        // A write the stopped cache never sees.
+        let ns = registry::resolve("namespaces").expect("served");
+        let written = objects
+            .create(ns, None, json!({"metadata": {"name": "unseen"}}))
+            .await
+            .expect("created");
+        ctx.wrote(&written);
+
+        let calls = Arc::new(AtomicUsize::new(0));
+        let queue = WorkQueue::new();
+        queue.add("k");
+        let stop = CancellationToken::new();
+        let runner = tokio::spawn(run(
+            Counting(calls.clone()),
+            ctx,
+            queue.clone(),
+            ControllerConfig::default(),
+            stop.clone(),
+        ));
+        until("the key is requeued twice", || queue.failures("k") >= 2).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "reconciled on a stale cache"
+        );
+        assert_eq!(queue.len(), 1, "the key waits for its retry");
+
+        // The cache catches up: the key is reconciled.
+        let resume = CancellationToken::new();
+        let follow = tokio::spawn(cache.clone().run(resume.clone()));
+        until("the key is reconciled", || {
+            calls.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        stop.cancel();
+        resume.cancel();
+        runner.await.expect("controller");
+        follow.await.expect("cache");
+    }
 }

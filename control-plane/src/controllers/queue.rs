@@ -79,6 +79,13 @@ impl WorkQueue {
         delay
     }
 
+    /// Consecutive failed (or requeued) attempts of `key` since it last reconciled.
+    #[cfg(test)]
+    pub(crate) fn failures(&self, key: &str) -> u32 {
+        let st = self.state.lock().expect("queue lock");
+        st.failures.get(key).copied().unwrap_or(0)
+    }
+
     /// Clears the back-off of a key that reconciled.
     pub fn forget(&self, key: &str) {
         self.state.lock().expect("queue lock").failures.remove(key);

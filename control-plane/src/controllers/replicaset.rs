@@ -2,7 +2,9 @@
 //! owned through a controller ownerReference.
 //!
 //! [`plan`] is the whole decision (adopt, release, create, delete which, status) as a pure
-//! function of the ReplicaSet and its namespace's pods; [`ReplicaSetController`] applies it.
+//! function of the ReplicaSet and its namespace's pods; [`ReplicaSetController`] applies it,
+//! deleting each pod with the uid the plan saw as a precondition (never a pod re-created
+//! under its name since).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,10 +36,18 @@ pub struct RsPlan {
     /// New pods to create from the template.
     pub create: usize,
     /// Pods to delete, most expendable first.
-    pub delete: Vec<String>,
+    pub delete: Vec<PodRef>,
     pub status: ReplicaSetStatus,
     /// Look again then (a ready pod becomes available after minReadySeconds).
     pub requeue_after: Option<Duration>,
+}
+
+/// A pod as the plan saw it: deleted only while it is still that pod (the uid), never one
+/// re-created under its name since.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodRef {
+    pub name: String,
+    pub uid: String,
 }
 
 /// Neither finished nor being deleted.
@@ -89,7 +99,7 @@ fn selector(rs: &ReplicaSet) -> Option<Selector> {
 /// owner references do not prevent adoption (they are kept, see [`adopt`]). The one rule both
 /// [`plan`] (which counts the pod as a replica) and the adoption write ([`adopt`]) apply, so
 /// a pod is never counted, or deleted on scale-down, unless the write takes it.
-fn adoptable(meta: &ObjectMeta, selector: &Selector) -> bool {
+pub(crate) fn adoptable(meta: &ObjectMeta, selector: &Selector) -> bool {
     selector.matches(&meta.labels)
         && meta.controller().is_none()
         && meta.deletion_timestamp.is_none()
@@ -152,7 +162,10 @@ pub fn plan(rs: &ReplicaSet, pods: &[Pod], now: DateTime<Utc>) -> RsPlan {
             out.delete = deletion_order(&active, now)
                 .into_iter()
                 .take(n)
-                .map(|p| p.metadata.name.clone())
+                .map(|p| PodRef {
+                    name: p.metadata.name.clone(),
+                    uid: p.metadata.uid.clone().unwrap_or_default(),
+                })
                 .collect();
         }
     }
@@ -160,7 +173,7 @@ pub fn plan(rs: &ReplicaSet, pods: &[Pod], now: DateTime<Utc>) -> RsPlan {
     // (a Deployment reading a stale, higher availability could scale down too far).
     let active: Vec<&Pod> = active
         .into_iter()
-        .filter(|p| !out.delete.contains(&p.metadata.name))
+        .filter(|p| !out.delete.iter().any(|d| d.name == p.metadata.name))
         .collect();
     let min_ready = rs.spec.min_ready_seconds.unwrap_or(0);
     let template_labels = &rs.spec.template.metadata.labels;
@@ -392,16 +405,20 @@ impl ReplicaSetController {
             }
         }
         if !p.delete.is_empty() {
-            let opts = DeleteOptions::default();
-            let opts = &opts;
-            let delete: Vec<String> = p
+            let delete: Vec<PodRef> = p
                 .delete
                 .iter()
-                .filter(|n| !not_adopted.contains(&n.as_str()))
+                .filter(|d| !not_adopted.contains(&d.name.as_str()))
                 .cloned()
                 .collect();
+            // With the uid the plan saw: a pod re-created under a deleted one's name (which
+            // this set may not even own) is never deleted in its place.
             let results: Vec<_> = stream::iter(delete)
-                .map(|name| async move { ctx.delete(pods(), Some(ns), &name, opts).await })
+                .map(|d| async move {
+                    let opts = DeleteOptions::default();
+                    ctx.delete_uid(pods(), Some(ns), &d.name, &d.uid, opts)
+                        .await
+                })
                 .buffer_unordered(CONCURRENCY)
                 .collect()
                 .await;
@@ -475,6 +492,78 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn names(refs: &[PodRef]) -> Vec<&str> {
+        refs.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// Issue 11, item 21: scale-down deleted pods by name, so a pod re-created under the name
+    /// of one the (stale) cache still showed was deleted in its place, though this set never
+    /// owned it.
+    #[tokio::test]
+    async fn scale_down_never_deletes_a_pod_recreated_under_the_same_name() {
+        use crate::controllers::tests::{open, stale_cache};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (store, objects) = open(dir.path()).await;
+        let ns = Some("default");
+        let template = json!({"metadata": {"labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "hello:v1"}]}});
+        let set = objects
+            .create(
+                replicasets(),
+                ns,
+                json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": {"name": "web"}, "spec": {"replicas": 1,
+                "selector": {"matchLabels": {"app": "web"}}, "template": template}}),
+            )
+            .await
+            .unwrap();
+        let owned = |name: &str, node: Option<&str>| {
+            let mut p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name,
+                "labels": {"app": "web"}, "ownerReferences": [{"apiVersion": "apps/v1",
+                "kind": "ReplicaSet", "name": "web", "uid": set["metadata"]["uid"],
+                "controller": true, "blockOwnerDeletion": true}]},
+                "spec": template["spec"].clone()});
+            if let Some(n) = node {
+                p["spec"]["nodeName"] = json!(n);
+            }
+            p
+        };
+        objects
+            .create(pods(), ns, owned("a", Some("n1")))
+            .await
+            .unwrap();
+        // Unscheduled: the first to go on scale-down.
+        objects.create(pods(), ns, owned("b", None)).await.unwrap();
+        let cache = stale_cache(&store).await;
+        // Since the cache's view: `b` was deleted and someone else's pod took its name.
+        let now = DeleteOptions {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        objects.delete(pods(), ns, "b", &now).await.unwrap();
+        let theirs = objects
+            .create(
+                pods(),
+                ns,
+                json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "b", "labels": {"app": "other"}},
+                "spec": template["spec"].clone()}),
+            )
+            .await
+            .unwrap();
+
+        let rsc = ReplicaSetController::new(Ctx::new(objects.clone(), cache));
+        rsc.reconcile(&replicasets().key("default", "web"))
+            .await
+            .unwrap();
+        let b = objects.get(pods(), ns, "b").await;
+        assert_eq!(
+            b.map(|v| v["metadata"]["uid"].clone()).ok(),
+            Some(theirs["metadata"]["uid"].clone()),
+            "scale-down deleted a pod the set never owned"
+        );
     }
 
     fn t(secs: i64) -> DateTime<Utc> {
@@ -563,7 +652,7 @@ mod tests {
             pod("unscheduled", Some("rs-uid"), None, None),
         ];
         let p = plan(&rs(1), &pods, t(100));
-        assert_eq!(p.delete, vec!["unscheduled", "not-ready", "ready-new"]);
+        assert_eq!(names(&p.delete), ["unscheduled", "not-ready", "ready-new"]);
         assert_eq!(p.create, 0);
         // The status already leaves out what this reconcile deletes.
         assert_eq!(p.status.replicas, 1);
@@ -579,7 +668,7 @@ mod tests {
         ];
         let p = plan(&rs(2), &pods, t(100));
         assert_eq!(p.delete.len(), 1);
-        assert!(p.delete[0].starts_with("crowd"));
+        assert!(p.delete[0].name.starts_with("crowd"));
     }
 
     #[test]
@@ -682,7 +771,7 @@ mod tests {
 
         // Scale-down only ever deletes pods the set controls or adopts, never `foreign`.
         let p = plan(&rs(0), &all, t(100));
-        let mut deleted = p.delete.clone();
+        let mut deleted = names(&p.delete);
         deleted.sort();
         assert_eq!(deleted, vec!["orphan", "ours-weakly", "shared", "weak"]);
     }

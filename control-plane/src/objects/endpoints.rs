@@ -20,7 +20,7 @@ use crate::error::ApiError;
 
 /// What the Nodes say about the addresses of the cluster.
 #[derive(Debug, Default)]
-pub(super) struct NodeNets {
+pub(crate) struct NodeNets {
     /// `(node, pod CIDR)` of every Node that publishes one (a CIDR that takes in the host's
     /// own loopback services is ignored: no agent runs pods there).
     pub pod_cidrs: Vec<(String, (Ipv4Addr, u8))>,
@@ -97,8 +97,9 @@ pub(super) fn check_addresses(
     }
 }
 
-/// Why `ip` (of an address naming `node`) is not a pod IP, or `None`.
-fn refusal(
+/// Why `ip` (of an address naming `node`) is not a pod IP, or `None`. (Also the endpoints
+/// controller's test of a pod's `status.podIP`, so that it never writes what this refuses.)
+pub(crate) fn refusal(
     ip: IpAddr,
     node: Option<&str>,
     service_range: impl Fn(Ipv4Addr) -> Option<String>,

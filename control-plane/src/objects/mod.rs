@@ -26,7 +26,8 @@ use wasmctl_api::meta::ObjectMeta;
 use wasmctl_api::registry::{self, ResourceInfo};
 use wasmctl_store::{KeyValue, Store};
 
-pub use list::{ListOptions, ListPage};
+pub(crate) use endpoints::{refusal as endpoint_refusal, NodeNets};
+pub use list::{ListGate, ListOptions, ListPage};
 pub use write::{merge_patch, BatchWrite, Subresource};
 
 use crate::allocator::{ServiceAllocator, ServiceRanges};
@@ -148,11 +149,10 @@ impl Objects {
         let page = self.list(ns, None, &ListOptions::default()).await?;
         for item in page.items {
             if item["metadata"].get("deletionTimestamp").is_some() {
-                let name = item["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                self.spawn_namespace_cleanup(name);
+                let meta = &item["metadata"];
+                let name = meta["name"].as_str().unwrap_or_default().to_string();
+                let uid = meta["uid"].as_str().unwrap_or_default().to_string();
+                self.spawn_namespace_cleanup(name, uid);
             }
         }
         Ok(())

@@ -10,6 +10,7 @@ use wasmctl_api::normalize;
 use wasmctl_api::registry::{self, ResourceInfo};
 use wasmctl_store::{Op, OpResult, Precondition};
 
+use super::delete::{add_namespace_finalizer, has_spec_finalizers};
 use super::service::carry_over_service;
 use super::{
     decode_kv, encode_for_store, meta_of, set_meta, set_rv, strip_rv, Objects, MAX_RETRIES,
@@ -129,7 +130,14 @@ impl Objects {
         normalize(info, v).map_err(|inv| ApiError::invalid(info, name, inv))
     }
 
-    async fn ensure_namespace_usable(&self, ns: &str) -> Result<(), ApiError> {
+    /// kube's NamespaceLifecycle admission: no new content in a missing or terminating
+    /// namespace.
+    async fn ensure_namespace_usable(
+        &self,
+        info: &ResourceInfo,
+        name: &str,
+        ns: &str,
+    ) -> Result<(), ApiError> {
         let nsinfo = registry::resolve("namespaces").expect("served");
         match self.store.get(&nsinfo.key("", ns)).await? {
             None => Err(ApiError::not_found(nsinfo, ns)),
@@ -137,7 +145,8 @@ impl Objects {
                 let v = decode_kv(&kv)?;
                 if v["metadata"].get("deletionTimestamp").is_some() {
                     Err(ApiError::Forbidden(format!(
-                        "unable to create new content in namespace {ns} because it is being terminated"
+                        "{} {name:?} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                        info.group_resource()
                     )))
                 } else {
                     Ok(())
@@ -163,6 +172,10 @@ impl Objects {
         }
         set_new_object_meta(info, &mut meta);
         set_meta(&mut body, &meta);
+        if info.kind == "Namespace" {
+            // kube's namespace strategy: the lifecycle controller's finalizer, on create only.
+            add_namespace_finalizer(&mut body);
+        }
         // Status is owned by controllers: a create starts from the default status, except for
         // Nodes, which agents register together with their status.
         if info.status_subresource && info.kind != "Node" {
@@ -172,7 +185,7 @@ impl Objects {
         }
         let mut obj = Self::normalize(info, &meta.name, body)?;
         if let Some(ns) = &ns {
-            self.ensure_namespace_usable(ns).await?;
+            self.ensure_namespace_usable(info, &meta.name, ns).await?;
         }
         // Held until the write is committed, so no other Service takes the same addresses.
         let _allocating = match info.kind {
@@ -363,9 +376,12 @@ impl Objects {
             }
             // Kubernetes: an object goes once it is deleting, has no finalizers left and no
             // grace period running (a pod's agent ends that with a delete of grace 0).
+            // A Namespace also waits for its `spec.finalizers` (the lifecycle controller removes
+            // `kubernetes` once the content is gone): kube's ShouldDeleteNamespaceDuringUpdate.
             let finished_deleting = meta.deletion_timestamp.is_some()
                 && meta.finalizers.is_empty()
-                && meta.deletion_grace_period_seconds.unwrap_or(0) == 0;
+                && meta.deletion_grace_period_seconds.unwrap_or(0) == 0
+                && (info.kind != "Namespace" || !has_spec_finalizers(&next));
             let op = if finished_deleting {
                 Op::Delete {
                     key: key.clone(),
@@ -485,6 +501,17 @@ fn merge_for_update(info: &ResourceInfo, current: &Value, next: Value, sub: Subr
     match sub {
         Subresource::Main => {
             let mut next = next;
+            if info.kind == "Namespace" {
+                // Only the lifecycle controller changes them (kube's `/finalize`).
+                match current["spec"].get("finalizers") {
+                    Some(f) => next["spec"]["finalizers"] = f.clone(),
+                    None => {
+                        if let Some(spec) = next.get_mut("spec").and_then(Value::as_object_mut) {
+                            spec.remove("finalizers");
+                        }
+                    }
+                }
+            }
             if info.status_subresource {
                 match current.get("status") {
                     Some(s) => next["status"] = s.clone(),

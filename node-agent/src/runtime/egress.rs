@@ -6,8 +6,9 @@
 //! anything the pod's egress does not allow. Then TLS (rustls, the webpki roots, the host's
 //! name), HTTP/1.1 (hyper), as wasmtime-wasi-http's `default_send_request` does.
 //!
-//! Bounds: one name lookup slot of the pod's ([`super::reach::MAX_LOOKUPS_PER_POD`]), lookup
-//! and connect timeouts, and the connection task lives in the pod's task tracker.
+//! Bounds: one name lookup slot of the pod's ([`super::reach::MAX_LOOKUPS_PER_POD`]), lookup,
+//! connect, first-byte and between-bytes timeouts (the guest's `request-options`, else
+//! wasmtime's defaults), and the connection task lives in the pod's task tracker.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +29,8 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time to the response head when the guest sets none.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest pause inside the response body when the guest sets none (wasmtime-wasi-http's).
+const BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The connection-I/O future wasi:http awaits after a response (ours run as pod tasks).
 pub(super) type IoFuture = Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>;
@@ -109,6 +112,9 @@ pub async fn send(
     let first_byte_timeout = options
         .and_then(|o| o.first_byte_timeout)
         .unwrap_or(FIRST_BYTE_TIMEOUT);
+    let between_bytes_timeout = options
+        .and_then(|o| o.between_bytes_timeout)
+        .unwrap_or(BETWEEN_BYTES_TIMEOUT);
 
     let mut last = Error::ConnectionRefused;
     let mut tcp = None;
@@ -166,5 +172,110 @@ pub async fn send(
     let resp = tokio::time::timeout(first_byte_timeout, sender.send_request(request))
         .await
         .map_err(|_| Error::ConnectionReadTimeout)??;
-    Ok((resp.map(|b| b.map_err(Error::from).boxed_unsync()), no_io()))
+    Ok((
+        resp.map(|b| {
+            BetweenBytes::new(b.map_err(Error::from), between_bytes_timeout).boxed_unsync()
+        }),
+        no_io(),
+    ))
+}
+
+/// A response body that fails with `connection-read-timeout` when the peer pauses longer
+/// than `timeout` between two frames (a server trickling a byte a minute keeps nothing of
+/// the pod's alive for longer than that).
+struct BetweenBytes<B> {
+    inner: B,
+    timeout: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> BetweenBytes<B> {
+    fn new(inner: B, timeout: Duration) -> Self {
+        BetweenBytes {
+            inner,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl<B> hyper::body::Body for BetweenBytes<B>
+where
+    B: hyper::body::Body<Error = Error> + Unpin,
+{
+    type Data = B::Data;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Error>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + self.timeout;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Error::ConnectionReadTimeout))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+
+    /// A body that sends one frame and then stalls fails once the pause exceeds the
+    /// between-bytes timeout; one that keeps sending within it does not.
+    #[tokio::test]
+    async fn a_stalled_response_body_times_out_between_bytes() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Error>>(4);
+        let stream = tokio_stream_from(rx);
+        let mut body = BetweenBytes::new(StreamBody::new(stream), Duration::from_millis(100));
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"a"));
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"b"))))
+                .await
+                .unwrap();
+            assert!(
+                body.frame().await.unwrap().is_ok(),
+                "a frame within the timeout"
+            );
+        }
+        // Now the peer stalls (the sender stays open).
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the timeout fired")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, Error::ConnectionReadTimeout), "{err:?}");
+        assert!(started.elapsed() >= Duration::from_millis(90));
+        drop(tx);
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Unpin {
+        Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
 }

@@ -1,12 +1,12 @@
 //! The pod's sandbox budget, shared by all of its Stores: one memory limit for the whole pod
-//! (`resources.limits.memory` summed over its containers) and one CPU quota
+//! (`resources.limits.memory` summed over its containers, the node's default for a container
+//! without one) charged with the Stores' linear memories and the host memory their guests
+//! drive ([`HostMemory`]), and one CPU quota
 //! (`resources.limits.cpu`), enforced CFS-style over 100 ms periods with epoch interruption.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use wasmtime::UpdateDeadline;
 
 use super::EPOCH_TICK;
 
@@ -106,18 +106,19 @@ impl PodBudget {
         self.memory_used.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// Called from the epoch-deadline callback, i.e. after a guest of this pod ran for about
-    /// one tick without returning to the host. Charges the tick and decides whether the guest
-    /// just yields its thread (fairness between pods) or sleeps to the end of the period
-    /// (quota spent).
-    pub fn on_tick(&self) -> wasmtime::Result<UpdateDeadline> {
+    /// Charges one epoch tick to the pod (called from the epoch-deadline callback, i.e. after
+    /// a guest of this pod ran for about one tick without returning to the host). `Ok(None)`:
+    /// the quota allows more this period; `Ok(Some(end))`: the quota is spent and the pod is
+    /// throttled until `end`; `Err`: the pod is being killed. What the guest does next is the
+    /// node's CPU gate's decision ([`super::cpu`]).
+    pub fn charge_tick(&self) -> wasmtime::Result<Option<Instant>> {
         if self.killed.load(Ordering::Relaxed) {
             return Err(wasmtime::Error::msg("killed: the pod is terminating"));
         }
         let tick_us = EPOCH_TICK.as_micros() as u64;
         self.cpu_used_total_us.fetch_add(tick_us, Ordering::Relaxed);
         let Some(quota) = self.cpu_quota_us else {
-            return Ok(UpdateDeadline::Yield(1));
+            return Ok(None);
         };
         let now = Instant::now();
         let mut p = self.cpu.lock().expect("cpu period lock");
@@ -127,16 +128,22 @@ impl PodBudget {
         }
         p.used_us += tick_us;
         if p.used_us < quota {
-            return Ok(UpdateDeadline::Yield(1));
+            return Ok(None);
         }
         // Quota spent: throttled until the period ends.
         let wake = p.start + CPU_PERIOD;
         drop(p);
         self.throttled_periods.fetch_add(1, Ordering::Relaxed);
-        Ok(UpdateDeadline::YieldCustom(
-            1,
-            Box::pin(tokio::time::sleep_until(wake.into())),
-        ))
+        Ok(Some(wake))
+    }
+
+    /// How many of the pod's guests may compute at once: `ceil(limits.cpu)` cores, or
+    /// `unlimited` without a CPU limit.
+    pub fn cpu_runners(&self, unlimited: usize) -> usize {
+        match self.cpu_quota_us {
+            Some(q) => q.div_ceil(CPU_PERIOD.as_micros() as u64).max(1) as usize,
+            None => unlimited,
+        }
     }
 }
 
@@ -159,6 +166,50 @@ impl StoreLimiter {
 }
 
 impl Drop for StoreLimiter {
+    fn drop(&mut self) {
+        self.budget.release(self.charged);
+    }
+}
+
+/// Host memory a guest drives (wasi:http header maps and the handles that hold them, see
+/// [`super::fields`]), charged to the pod's memory budget next to its linear memories: what
+/// one Store holds, set as a whole each time it is measured, given back when dropped.
+#[derive(Debug)]
+pub struct HostMemory {
+    budget: Arc<PodBudget>,
+    charged: usize,
+}
+
+impl HostMemory {
+    pub fn new(budget: Arc<PodBudget>) -> Self {
+        HostMemory { budget, charged: 0 }
+    }
+
+    pub fn charged(&self) -> usize {
+        self.charged
+    }
+
+    /// Grows the charge by `by`, or refuses if the pod's budget cannot hold it.
+    pub fn grow(&mut self, by: usize) -> Result<(), MemoryLimitExceeded> {
+        self.budget.try_grow(by)?;
+        self.charged += by;
+        Ok(())
+    }
+
+    /// Sets the charge to `bytes` (a fresh measurement): less gives the difference back, more
+    /// must fit in the budget.
+    pub fn set(&mut self, bytes: usize) -> Result<(), MemoryLimitExceeded> {
+        if bytes <= self.charged {
+            self.budget.release(self.charged - bytes);
+            self.charged = bytes;
+            Ok(())
+        } else {
+            self.grow(bytes - self.charged)
+        }
+    }
+}
+
+impl Drop for HostMemory {
     fn drop(&mut self) {
         self.budget.release(self.charged);
     }
@@ -233,30 +284,42 @@ mod tests {
     }
 
     #[test]
+    fn host_memory_is_charged_and_given_back() {
+        let b = PodBudget::new(Some(100), None);
+        let mut h = HostMemory::new(b.clone());
+        h.grow(30).unwrap();
+        h.set(80).unwrap();
+        assert_eq!(b.memory_used(), 80);
+        assert!(h.set(101).is_err());
+        assert!(h.grow(21).is_err());
+        h.set(10).unwrap();
+        assert_eq!((h.charged(), b.memory_used()), (10, 10));
+        drop(h);
+        assert_eq!(b.memory_used(), 0);
+    }
+
+    #[test]
     fn per_instance_cap() {
         let b = PodBudget::new(None, None);
         let mut a = StoreLimiter::new(b, 10);
         assert!(is_oom(&a.memory_growing(0, 11, None).unwrap_err()));
     }
 
-    #[tokio::test]
-    async fn cpu_quota_throttles_after_budget() {
+    #[test]
+    fn cpu_quota_throttles_after_budget() {
         // 100m = 10 ms per 100 ms period = 2 ticks of 5 ms.
         let b = PodBudget::new(None, Some(100));
-        assert!(matches!(b.on_tick().unwrap(), UpdateDeadline::Yield(1)));
-        assert!(matches!(
-            b.on_tick().unwrap(),
-            UpdateDeadline::YieldCustom(1, _)
-        ));
+        assert!(b.charge_tick().unwrap().is_none());
+        assert!(b.charge_tick().unwrap().is_some());
         assert_eq!(b.throttled_periods(), 1);
+        assert_eq!(b.cpu_runners(8), 1);
+        assert_eq!(PodBudget::new(None, Some(1500)).cpu_runners(8), 2);
         let unlimited = PodBudget::new(None, None);
+        assert_eq!(unlimited.cpu_runners(8), 8);
         for _ in 0..100 {
-            assert!(matches!(
-                unlimited.on_tick().unwrap(),
-                UpdateDeadline::Yield(1)
-            ));
+            assert!(unlimited.charge_tick().unwrap().is_none());
         }
         b.kill();
-        assert!(b.on_tick().is_err());
+        assert!(b.charge_tick().is_err());
     }
 }

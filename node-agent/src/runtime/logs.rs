@@ -42,6 +42,12 @@ const WRITE_PERMIT: usize = 4096;
 /// most one [`WRITE_PERMIT`] of input beyond it (each input byte becomes at most one record:
 /// the 41-byte prefix and newline, the byte, and its 8-byte queue entry).
 const FILE_QUEUE_BYTES: usize = 256 * 1024;
+/// What the file queue may hold at all. Guest writes wait for room below
+/// [`FILE_QUEUE_BYTES`] and so never reach it; the agent's own lines about a container (a
+/// failed request's error, pushed with [`ContainerLog::push`] without waiting) are dropped from
+/// the file past it — counted, and reported by one line when the writer caught up — instead
+/// of growing the queue while the disk stalls. The ring keeps them either way.
+const FILE_QUEUE_HARD_BYTES: usize = 2 * FILE_QUEUE_BYTES;
 
 /// The writer's buffer: a burst of short lines is one write syscall, not one per line.
 const FILE_BUFFER: usize = 64 * 1024;
@@ -288,6 +294,8 @@ struct FileQueue {
     in_flight: usize,
     /// A writer is running (or about to): it takes whatever is queued before it stops.
     writing: bool,
+    /// Records dropped since the queue last had room ([`FILE_QUEUE_HARD_BYTES`]).
+    dropped: u64,
 }
 
 impl FileQueue {
@@ -319,6 +327,20 @@ impl FileLog {
             return;
         }
         let mut q = self.queue.lock().expect("log file queue");
+        if q.queued() + text.len() + 64 > FILE_QUEUE_HARD_BYTES {
+            q.dropped += 1;
+            return;
+        }
+        if q.dropped > 0 {
+            let dropped = std::mem::take(&mut q.dropped);
+            let _ = writeln!(
+                q.buf,
+                "{} stderr F wasmctl: {dropped} log lines were not written to this file: the writer fell behind",
+                time.to_rfc3339_opts(SecondsFormat::Nanos, true),
+            );
+            let end = q.buf.len();
+            q.ends.push(end);
+        }
         let _ = writeln!(
             q.buf,
             "{} {} F {}",
@@ -462,10 +484,10 @@ impl LogSink {
 /// the ring and the file write ran outside any Store, on nobody's budget. Here `write` runs
 /// on the guest's own task while its Store executes: the epoch keeps advancing by wall clock
 /// meanwhile (one tick per `EPOCH_TICK`, runtime/mod.rs), and at the guest's next epoch
-/// check its Store's deadline callback (runtime/pod.rs:
-/// `store.epoch_deadline_callback(move |_| budget.on_tick())`) charges the tick to the pod's
-/// `PodBudget` and parks the guest once its quota is spent (runtime/limits.rs `on_tick`), so
-/// a throttled pod logs no faster than it runs. One call does a bounded amount of work (at most
+/// check its Store's deadline callback (runtime/pod.rs `new_store` → runtime/cpu.rs
+/// `CpuGate::on_tick`) charges the tick to the pod's `PodBudget` (runtime/limits.rs
+/// `charge_tick`) and parks the guest once its quota is spent, so a throttled pod logs no
+/// faster than it runs. One call does a bounded amount of work (at most
 /// one [`WRITE_PERMIT`]), so charging per tick at the next check loses at most a tick per call.
 /// Only the file write itself runs on the blocking pool, and it cannot get ahead of the
 /// guest: past [`FILE_QUEUE_BYTES`] queued, `check-write` answers 0 and `ready` waits for
@@ -709,6 +731,41 @@ mod tests {
         assert!(
             text.ends_with(" stdout F tail\n"),
             "the partial line ends the stream"
+        );
+    }
+
+    /// The agent's own lines (`push`, e.g. a failed request's error) do not wait for the
+    /// writer: against a stalled disk the file queue stays bounded, the ring keeps them, and
+    /// the file says how many it missed.
+    #[tokio::test]
+    async fn the_agents_own_lines_cannot_grow_the_file_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let log = ContainerLog::new(Some(path.clone()), LogLimits::default());
+        let file = log.file.clone().unwrap();
+        let stalled = file.out.lock().unwrap();
+        let line = [b'x'; 200];
+        for _ in 0..20_000 {
+            log.push(Stream::Stderr, &line);
+        }
+        let queued = file.queue.lock().unwrap().queued();
+        assert!(queued <= FILE_QUEUE_HARD_BYTES, "queued {queued} bytes");
+        let dropped = file.queue.lock().unwrap().dropped;
+        assert!(dropped > 15_000, "only {dropped} dropped");
+        assert_eq!(log.next_seq(), 20_000, "the ring saw every line");
+        drop(stalled);
+        log.flushed().await;
+        log.push(Stream::Stderr, b"after");
+        log.flushed().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tail: Vec<&str> = text.lines().rev().take(2).collect();
+        assert!(tail[0].ends_with(" stderr F after"), "{}", tail[0]);
+        assert!(
+            tail[1].ends_with(&format!(
+                " stderr F wasmctl: {dropped} log lines were not written to this file: the writer fell behind"
+            )),
+            "{}",
+            tail[1]
         );
     }
 }

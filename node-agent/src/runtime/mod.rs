@@ -20,11 +20,16 @@
 //!   **memory budget** (a `ResourceLimiter` per Store charging one atomic pod counter; growth
 //!   past `limits.memory` traps with `OOMKilled`; [`limits`]), the **CPU quota** (the epoch
 //!   callback charges a tick to the pod and, past `limits.cpu` × 100 ms per 100 ms period,
-//!   parks the guest until the period ends; every guest yields its thread every tick, so a
-//!   spinning pod cannot starve others), the **routing table** (`containerPort` → HTTP
+//!   parks the pod's guests until the period ends; every guest yields its thread every tick,
+//!   and a guest that runs a whole tick must hold one of the node's `--guest-cpu-slots`, at
+//!   most `ceil(limits.cpu)` per pod, so spinning pods cannot crowd out short requests;
+//!   [`cpu`]), the **routing table** (`containerPort` → HTTP
 //!   component: an outgoing `http://localhost:PORT` request is answered by the sibling's
 //!   `ProxyPre` in-process, no socket; [`http`]), and the **bounds** (concurrent requests,
-//!   connections, request timeout, handles per Store).
+//!   connections, request timeout, handles per Store, live Stores = pool slots per pod). The
+//!   host memory a guest drives through wasi:http header maps and handles is charged to the
+//!   same memory budget ([`fields`]); a container without a memory limit gets the node's
+//!   default (`--default-memory-limit`), so every pod has one.
 //! - **Services from inside a pod** go through the node's [`crate::net::ServiceRouter`]
 //!   (installed by the agent; the proxy implements it): wasi:http requests to a Service name
 //!   or ClusterIP are balanced like proxied requests, `ip-name-lookup` resolves Service names
@@ -40,7 +45,9 @@
 //!
 //! This module never imports the Service proxy: it meets it only at [`crate::net`].
 
+pub mod cpu;
 pub mod egress;
+pub mod fields;
 pub mod http;
 pub mod limits;
 pub mod logs;
@@ -83,6 +90,10 @@ pub struct RuntimeConfig {
     pub max_instance_memory: usize,
     /// The node's own addresses: never egress for a pod ([`reach::never_egress`]).
     pub node_ips: Vec<std::net::IpAddr>,
+    /// CPU-bound guests that may run at once on the node ([`cpu`]; `--guest-cpu-slots`).
+    pub guest_cpu_slots: usize,
+    /// Sockets all guests of the node may hold at once (`--max-guest-sockets`).
+    pub max_guest_sockets: usize,
 }
 
 /// What a component is, told from its exports.
@@ -147,6 +158,10 @@ pub struct Runtime {
     node_ips: Arc<[std::net::IpAddr]>,
     /// Service routing for outgoing traffic of pods (set once when the agent starts).
     router: OnceLock<Arc<dyn ServiceRouter>>,
+    /// Who may run CPU-bound guest code right now ([`cpu`]).
+    cpu_gate: Arc<cpu::CpuGate>,
+    /// The sockets of all pods together ([`reach::NodeSockets`]).
+    node_sockets: Arc<reach::NodeSockets>,
 }
 
 /// The node's pod IP → sandbox map: how the proxy and in-pod service routing find an endpoint
@@ -219,6 +234,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .context("linking wasi:http into the engine")?;
         sockets::add_to_linker(&mut linker).context("linking pod-loopback wasi:sockets")?;
+        fields::add_to_linker(&mut linker).context("linking charged wasi:http fields")?;
 
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
@@ -228,15 +244,18 @@ impl Runtime {
             .with_context(|| format!("creating {}", cfg.cache_dir.display()))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
+        let cpu_gate = cpu::CpuGate::new(cfg.guest_cpu_slots);
         let ticker = {
             let engine = engine.clone();
             let stop = ticker_stop.clone();
+            let gate = cpu_gate.clone();
             std::thread::Builder::new()
                 .name("wasm-epoch".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
                         engine.increment_epoch();
+                        gate.reap();
                     }
                 })
                 .context("starting the epoch ticker")?
@@ -253,6 +272,8 @@ impl Runtime {
             pods: Arc::new(PodDirectory::default()),
             node_ips: Arc::from(cfg.node_ips.clone()),
             router: OnceLock::new(),
+            cpu_gate,
+            node_sockets: reach::NodeSockets::new(cfg.max_guest_sockets),
         }))
     }
 
@@ -264,6 +285,16 @@ impl Runtime {
     /// The node's service router, once the agent has installed it.
     pub fn router(&self) -> Option<&Arc<dyn ServiceRouter>> {
         self.router.get()
+    }
+
+    /// The node-wide socket budget every pod's sockets also count against.
+    pub fn node_sockets(&self) -> &Arc<reach::NodeSockets> {
+        &self.node_sockets
+    }
+
+    /// The node's CPU gate: every Store's epoch callback goes through it.
+    pub fn cpu_gate(&self) -> &Arc<cpu::CpuGate> {
+        &self.cpu_gate
     }
 
     /// The node's own addresses (never egress).

@@ -1,6 +1,13 @@
 //! One pod = one sandbox: a pod IP (its loopback identity), one memory budget and CPU quota
 //! for all of its Stores, a table of which HTTP component serves which `containerPort`, and
-//! the bounds on concurrent requests and connections.
+//! the bounds on concurrent requests, connections and live Stores.
+//!
+//! A live Store is one slot of the node's pooling allocator (`--instance-slots`) while its
+//! instance lives: a pod holds at most [`SandboxLimits::max_instances`] of them at once (the
+//! agent's default is a quarter of the slots), so one busy pod cannot take the pool from its
+//! neighbours; an HTTP request that finds none free within 1 s gets 503, like one over the
+//! concurrent request limit. Each Store's guest-driven host memory (header maps and handles)
+//! is charged to the pod's memory budget ([`super::fields`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -12,7 +19,7 @@ use bytes::Bytes;
 use hyper::body::Body;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmtime::error::Context as _;
@@ -23,6 +30,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
 
+use super::fields::{HeaderCharge, FIELD_SIZE_LIMIT};
 use super::http::PodHttpHooks;
 use super::limits::{is_oom, PodBudget, StoreLimiter};
 use super::logs::{ContainerLog, Stream};
@@ -34,8 +42,23 @@ use super::{LoadedComponent, Runtime};
 use crate::net::plain;
 use crate::net::{BoxFuture, LocalEndpoint, ServiceRouter};
 
-/// Resource handles one Store may hold (each open socket is one, plus its streams).
+/// Resource handles one Store may hold (each open socket is one, plus its streams). What they
+/// hold on the host is charged to the pod's budget ([`super::fields`]).
 pub const MAX_HANDLES_PER_STORE: usize = 4096;
+
+/// The memory limit of a container that sets none (`--default-memory-limit`): Kubernetes
+/// leaves such a container unbounded unless a LimitRange defaults it; here every pod has a
+/// budget, because the node's memory is shared by its pods' guests and the agent itself. A
+/// fixed figure rather than a share of the node's memory, so the same pod behaves the same on
+/// every node; 256 MiB holds every example guest under load many times over (a request's
+/// instance is ~1–2 MiB).
+pub const DEFAULT_MEMORY_LIMIT: usize = 256 << 20;
+
+/// The default of `--max-instances-per-pod`: a quarter of the pool's slots (the runtime
+/// reserves at least 16), so one pod alone can never take the pool.
+pub fn default_max_instances(instance_slots: u32) -> usize {
+    (instance_slots.max(16) as usize / 4).max(1)
+}
 
 /// What a container is started with (from the pod spec).
 pub struct ContainerConfig {
@@ -134,6 +157,12 @@ pub struct SandboxLimits {
     pub max_instance_memory: usize,
     /// Sockets one pod may hold open at once, all of its Stores together.
     pub max_sockets: usize,
+    /// Live Stores (pool slots) one pod may hold at once, all of its containers and requests
+    /// together (`--max-instances-per-pod`).
+    pub max_instances: usize,
+    /// The memory limit of a container without `resources.limits.memory`
+    /// (`--default-memory-limit`), so that every pod has a budget.
+    pub default_memory_limit: usize,
 }
 
 pub struct PodSandbox {
@@ -146,6 +175,8 @@ pub struct PodSandbox {
     routes: RwLock<HashMap<u16, Arc<HttpRoute>>>,
     requests: Arc<Semaphore>,
     connections: Arc<Semaphore>,
+    /// Live Stores ([`SandboxLimits::max_instances`]).
+    instances: Arc<Semaphore>,
     /// Its address, egress policy, listening ports and socket budget.
     pub net: Arc<PodNet>,
     /// The node's service router (absent in a runtime without one), for outgoing traffic.
@@ -156,6 +187,8 @@ pub struct PodSandbox {
     pub kill: CancellationToken,
     /// In-flight requests and listeners, so termination can drain them.
     pub tasks: TaskTracker,
+    /// This pod's id in the node's CPU gate ([`super::cpu`]).
+    cpu_pod: u64,
 }
 
 impl PodSandbox {
@@ -173,7 +206,14 @@ impl PodSandbox {
             let (r, ns) = (r.clone(), namespace.to_string());
             Arc::new(move |name: &str| r.resolve(&ns, name)) as ServiceLookup
         });
-        let net = PodNet::new(ip, egress, runtime.node_ips(), limits.max_sockets);
+        let net = PodNet::on_node(
+            ip,
+            egress,
+            runtime.node_ips(),
+            limits.max_sockets,
+            runtime.node_sockets().clone(),
+        );
+        let cpu_pod = runtime.cpu_gate().pod_id();
         let sandbox = Arc::new(PodSandbox {
             router,
             service_lookup,
@@ -184,10 +224,12 @@ impl PodSandbox {
             runtime,
             requests: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
             connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            instances: Arc::new(Semaphore::new(limits.max_instances.max(1))),
             limits,
             routes: RwLock::new(HashMap::new()),
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            cpu_pod,
         });
         sandbox.runtime.pods.insert(&sandbox);
         sandbox
@@ -232,10 +274,21 @@ impl PodSandbox {
         }
     }
 
-    /// A Store for one run of a container's component, charged to this pod.
+    /// One of the pod's live Store slots, waiting at most `wait` (`None`: the pod is at its
+    /// instance limit).
+    pub async fn instance_slot(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        match tokio::time::timeout(wait, self.instances.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// A Store for one run of a container's component, charged to this pod; it holds
+    /// `instance` (one of [`Self::instance_slot`]) until dropped.
     pub fn new_store(
         self: &Arc<Self>,
         cfg: &ContainerConfig,
+        instance: OwnedSemaphorePermit,
     ) -> wasmtime::Result<Store<GuestState>> {
         let mut b = WasiCtxBuilder::new();
         b.envs(&cfg.env)
@@ -263,9 +316,11 @@ impl PodSandbox {
         let mut table = wasmtime::component::ResourceTable::new();
         // Bounds the handles (sockets, streams, HTTP fields...) one Store can hold open.
         table.set_max_capacity(MAX_HANDLES_PER_STORE);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(FIELD_SIZE_LIMIT);
         let state = GuestState {
             wasi: b.build(),
-            http: WasiHttpCtx::new(),
+            http,
             table,
             limiter: StoreLimiter::new(self.budget.clone(), self.limits.max_instance_memory),
             hooks: PodHttpHooks::new(
@@ -278,12 +333,16 @@ impl PodSandbox {
             services: self.service_lookup.clone(),
             net: self.net.clone(),
             sockets: Arc::new(StoreSockets::default()),
+            headers: HeaderCharge::new(self.budget.clone()),
+            instance,
         };
         let mut store = Store::new(self.runtime.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
         let budget = self.budget.clone();
-        store.epoch_deadline_callback(move |_| budget.on_tick());
+        let gate = self.runtime.cpu_gate();
+        let mut runner = gate.runner(self.cpu_pod, budget.cpu_runners(gate.slots()));
+        store.epoch_deadline_callback(move |_| runner.on_tick(&budget));
         Ok(store)
     }
 
@@ -294,7 +353,15 @@ impl PodSandbox {
         component: &LoadedComponent,
         stop: CancellationToken,
     ) -> Exit {
-        let mut store = match self.new_store(cfg) {
+        let instance = tokio::select! {
+            p = self.instances.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Exit { code: 137, reason: "Killed".into(), message: Some("the pod was killed".into()) },
+            },
+            _ = stop.cancelled() => return Exit { code: 137, reason: "Killed".into(), message: Some("stopped by the agent".into()) },
+            _ = self.kill.cancelled() => return Exit { code: 137, reason: "Killed".into(), message: Some("the pod was killed".into()) },
+        };
+        let mut store = match self.new_store(cfg, instance) {
             Ok(s) => s,
             Err(e) => {
                 return Exit {
@@ -345,7 +412,10 @@ impl PodSandbox {
         let Some(proxy) = route.component.proxy.clone() else {
             return plain(500, "not an HTTP component\n".into());
         };
-        let mut store = match self.new_store(&route.config) {
+        let Some(instance) = self.instance_slot(Duration::from_secs(1)).await else {
+            return plain(503, "the pod is at its instance limit\n".into());
+        };
+        let mut store = match self.new_store(&route.config, instance) {
             Ok(s) => s,
             Err(e) => return plain(500, format!("{e:#}\n")),
         };

@@ -184,22 +184,78 @@ pub struct PodNet {
     /// The node's own addresses (never egress).
     pub node_ips: Arc<[IpAddr]>,
     max_sockets: usize,
+    /// The budget of all pods of the node together.
+    node: Arc<NodeSockets>,
     state: Mutex<NetState>,
     lookups: Arc<tokio::sync::Semaphore>,
 }
 
+/// Sockets all guests of one node may hold open at once (`--max-guest-sockets`): each is a
+/// file descriptor of the agent, and 1,024 per pod times enough pods would otherwise take the
+/// descriptors (and ephemeral ports) the agent needs for its own listeners, heartbeats and
+/// proxy connections.
+#[derive(Debug)]
+pub struct NodeSockets {
+    max: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+impl NodeSockets {
+    pub fn new(max: usize) -> Arc<NodeSockets> {
+        Arc::new(NodeSockets {
+            max: max.max(1),
+            used: Default::default(),
+        })
+    }
+
+    fn try_claim(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.used
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.max).then_some(n + 1))
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.used.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sockets guests of this node hold now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 impl PodNet {
+    /// A pod's network on a node without a node-wide socket budget (tests, tools).
     pub fn new(
         pod_ip: Ipv4Addr,
         egress: Egress,
         node_ips: Arc<[IpAddr]>,
         max_sockets: usize,
     ) -> Arc<PodNet> {
+        Self::on_node(
+            pod_ip,
+            egress,
+            node_ips,
+            max_sockets,
+            NodeSockets::new(usize::MAX),
+        )
+    }
+
+    /// A pod's network whose sockets also count against the node's budget.
+    pub fn on_node(
+        pod_ip: Ipv4Addr,
+        egress: Egress,
+        node_ips: Arc<[IpAddr]>,
+        max_sockets: usize,
+        node: Arc<NodeSockets>,
+    ) -> Arc<PodNet> {
         Arc::new(PodNet {
             pod_ip,
             egress,
             node_ips,
             max_sockets: max_sockets.max(1),
+            node,
             state: Mutex::default(),
             lookups: Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS_PER_POD)),
         })
@@ -244,7 +300,7 @@ impl PodNet {
     /// Takes one socket of the pod's budget, or `None` when the pod holds its maximum.
     pub fn claim_socket(self: &Arc<Self>) -> Option<SocketClaim> {
         let mut st = self.state();
-        if st.sockets >= self.max_sockets {
+        if st.sockets >= self.max_sockets || !self.node.try_claim() {
             return None;
         }
         st.sockets += 1;
@@ -286,6 +342,7 @@ impl Drop for SocketClaim {
     fn drop(&mut self) {
         let mut st = self.net.state();
         st.sockets -= 1;
+        self.net.node.release();
         if let Some(key) = self.port {
             if let Some(n) = st.ports.get_mut(&key) {
                 *n -= 1;
@@ -326,14 +383,108 @@ impl StoreSockets {
             .insert(rep, permit);
     }
 
-    pub fn release_lookup(&self, rep: u32) {
-        self.lookups.lock().expect("lookups lock").remove(&rep);
+    /// The lookup `rep` stands for is over (its stream answered) or was dropped. A lookup that
+    /// was still `pending` keeps its slot for [`RESOLVER_MAX`]: the host's `getaddrinfo` runs
+    /// on a blocking-pool thread that nothing can cancel, so a guest that drops streams and
+    /// asks again must not get more threads than its slots.
+    pub fn release_lookup(&self, rep: u32, pending: bool) {
+        let permit = self.lookups.lock().expect("lookups lock").remove(&rep);
+        if pending {
+            linger(permit.into_iter().collect());
+        }
+    }
+}
+
+/// The longest the host's resolver works on one name: glibc's defaults (5 s timeout, 2
+/// attempts) for each of up to 3 nameservers.
+pub const RESOLVER_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Holds lookup slots whose `getaddrinfo` may still run until it must have ended.
+fn linger(permits: Vec<tokio::sync::OwnedSemaphorePermit>) {
+    if permits.is_empty() {
+        return;
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            tokio::time::sleep(RESOLVER_MAX).await;
+            drop(permits);
+        });
+    }
+}
+
+impl Drop for StoreSockets {
+    /// The Store is gone with lookups it never saw the end of: they may still be running.
+    fn drop(&mut self) {
+        let lookups = std::mem::take(self.lookups.get_mut().expect("lookups lock"));
+        linger(lookups.into_values().collect());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_budget_bounds_all_pods_together() {
+        let node = NodeSockets::new(5);
+        let a = PodNet::on_node(
+            Ipv4Addr::new(127, 1, 0, 7),
+            Egress::None,
+            Arc::from(vec![]),
+            4,
+            node.clone(),
+        );
+        let b = PodNet::on_node(
+            Ipv4Addr::new(127, 1, 0, 8),
+            Egress::None,
+            Arc::from(vec![]),
+            4,
+            node.clone(),
+        );
+        let held_a: Vec<_> = std::iter::from_fn(|| a.claim_socket()).collect();
+        let held_b: Vec<_> = std::iter::from_fn(|| b.claim_socket()).collect();
+        assert_eq!((held_a.len(), held_b.len(), node.used()), (4, 1, 5));
+        drop(held_a);
+        assert_eq!(node.used(), 1);
+        assert!(b.claim_socket().is_some());
+    }
+
+    /// A lookup dropped before it answered keeps its slot (its `getaddrinfo` thread still
+    /// runs), also when its whole Store goes; one that answered frees it at once.
+    #[tokio::test]
+    async fn unanswered_lookups_keep_their_slot_after_the_guest_drops_them() {
+        let net = PodNet::new(
+            Ipv4Addr::new(127, 1, 0, 7),
+            Egress::All,
+            Arc::from(vec![]),
+            8,
+        );
+        let store = StoreSockets::default();
+        let all = MAX_LOOKUPS_PER_POD;
+        store.hold_lookup(1, net.lookup_permit().unwrap());
+        store.release_lookup(1, false);
+        assert_eq!(net.lookups.available_permits(), all, "answered: freed");
+        store.hold_lookup(2, net.lookup_permit().unwrap());
+        store.release_lookup(2, true);
+        assert_eq!(
+            net.lookups.available_permits(),
+            all - 1,
+            "dropped pending: held"
+        );
+        store.hold_lookup(3, net.lookup_permit().unwrap());
+        drop(store);
+        assert_eq!(net.lookups.available_permits(), all - 2, "Store gone: held");
+        // However often a guest drops and asks again, it gets no more than its slots.
+        let again = StoreSockets::default();
+        let mut got = 0;
+        while let Some(p) = net.lookup_permit() {
+            again.hold_lookup(10 + got, p);
+            again.release_lookup(10 + got, true);
+            got += 1;
+            assert!(got <= all as u32);
+        }
+        assert_eq!(got as usize, all - 2);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

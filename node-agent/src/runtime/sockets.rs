@@ -717,7 +717,8 @@ impl ip_name_lookup::Host for PodSocketsView<'_> {
     /// is `name-unresolvable` at once, so a pod without egress cannot leak data through DNS
     /// queries (`<data>.attacker.example`) — and at most [`super::reach::MAX_LOOKUPS_PER_POD`]
     /// such lookups per pod are open at once (each holds a blocking-pool thread; the slot is
-    /// freed when the guest drops the stream).
+    /// freed when the stream answers, or [`super::reach::RESOLVER_MAX`] after the guest
+    /// dropped it unanswered — the host thread cannot be cancelled).
     fn resolve_addresses(
         &mut self,
         network: Resource<ip_name_lookup::Network>,
@@ -765,7 +766,16 @@ impl ip_name_lookup::HostResolveAddressStream for PodSocketsView<'_> {
         &mut self,
         this: Resource<ip_name_lookup::ResolveAddressStream>,
     ) -> SocketResult<Option<ip_name_lookup::IpAddress>> {
-        ip_name_lookup::HostResolveAddressStream::resolve_next_address(&mut self.inner, this)
+        let rep = this.rep();
+        let r =
+            ip_name_lookup::HostResolveAddressStream::resolve_next_address(&mut self.inner, this);
+        if !would_block(&r) {
+            // The lookup answered: its thread is free again, and so is its slot.
+            if let Some((_, store)) = &self.net {
+                store.release_lookup(rep, false);
+            }
+        }
+        r
     }
 
     fn subscribe(
@@ -779,11 +789,24 @@ impl ip_name_lookup::HostResolveAddressStream for PodSocketsView<'_> {
         &mut self,
         this: Resource<ip_name_lookup::ResolveAddressStream>,
     ) -> wasmtime::Result<()> {
-        if let Some((_, store)) = &self.net {
-            store.release_lookup(this.rep());
+        if let Some((_, store)) = self.net.clone() {
+            // Still waiting for the host's resolver? Then its thread still runs.
+            let probe = Resource::new_borrow(this.rep());
+            let pending = would_block(
+                &ip_name_lookup::HostResolveAddressStream::resolve_next_address(
+                    &mut self.inner,
+                    probe,
+                ),
+            );
+            store.release_lookup(this.rep(), pending);
         }
         ip_name_lookup::HostResolveAddressStream::drop(&mut self.inner, this)
     }
+}
+
+/// `resolve-next-address` answered `would-block`: the lookup has not finished.
+fn would_block<T>(r: &SocketResult<T>) -> bool {
+    matches!(r, Err(e) if e.downcast_ref() == Some(&ErrorCode::WouldBlock))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::fields::HeaderCharge;
 use super::http::PodHttpHooks;
 use super::limits::StoreLimiter;
 use super::reach::{PodNet, StoreSockets};
@@ -27,6 +28,10 @@ pub struct GuestState {
     pub net: Arc<PodNet>,
     /// This Store's sockets (released when the Store is dropped).
     pub sockets: Arc<StoreSockets>,
+    /// The header maps and handles its guest holds, charged to the pod ([`super::fields`]).
+    pub headers: HeaderCharge,
+    /// Its slot of the pod's live Stores (`--max-instances-per-pod`), held while it lives.
+    pub instance: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl WasiView for GuestState {

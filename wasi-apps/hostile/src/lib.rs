@@ -5,11 +5,20 @@
 //! - `/connect?addr=HOST:PORT`: a TCP connect (wasi:sockets, names resolved by the host);
 //! - `/http?url=URL`: an outgoing wasi:http GET, answering the response body;
 //! - `/resolve?name=NAME`: `ip-name-lookup`, answering the addresses;
-//! - `/sockets?n=N`: binds up to N TCP sockets on `127.0.0.1:0` at once (each holds an
-//!   ephemeral port), answering how many it got and the first error;
+//! - `/sockets?n=N&hold_ms=M`: binds up to N TCP sockets on `127.0.0.1:0` at once (each
+//!   holds an ephemeral port), keeps them M ms (printing `holding K sockets` first), answering how many it got and the
+//!   first error;
 //! - `/newlines?n=N`: prints N empty lines on stdout;
 //! - `/trap`: traps (`unreachable`), so the host must answer 500 without the backtrace;
-//! - `/spin?ms=N`: burns CPU for N ms.
+//! - `/spin?ms=N`: burns CPU for N ms; with `&trace=1` it answers when it actually ran:
+//!   `START-END` pairs of wall-clock nanoseconds, split wherever the guest was paused for more
+//!   than 1 ms (so a test can count how many guests ran at once);
+//! - `/fill?path=P&bytes=N`: writes N bytes (not zeros) to the file P (an emptyDir mount);
+//! - `/files?dir=D&n=N`: creates N empty files in the directory D;
+//! - `/fields?n=N&size=S&hold_ms=M`: creates up to N wasi:http `fields`, each with one S-byte
+//!   header value (host memory, not the guest's), holds them all for M ms, and answers how
+//!   many it got and the first error;
+//! - `/hold?ms=N`: answers after N ms (keeps its instance alive meanwhile).
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -42,7 +51,7 @@ impl wasi::exports::http::incoming_handler::Guest for Hostile {
             "/connect" => connect(&arg("addr")),
             "/http" => http_get(&arg("url")),
             "/resolve" => resolve(&arg("name")),
-            "/sockets" => Ok(sockets(num("n") as usize)),
+            "/sockets" => Ok(sockets(num("n") as usize, num("hold_ms"))),
             "/newlines" => {
                 let mut out = std::io::stdout().lock();
                 for _ in 0..num("n") {
@@ -52,6 +61,18 @@ impl wasi::exports::http::incoming_handler::Guest for Hostile {
                 Ok(format!("printed {} empty lines", num("n")))
             }
             "/trap" => trap(),
+            "/fields" => Ok(fields(
+                num("n") as usize,
+                num("size") as usize,
+                num("hold_ms"),
+            )),
+            "/hold" => {
+                std::thread::sleep(Duration::from_millis(num("ms")));
+                Ok(format!("held {} ms", num("ms")))
+            }
+            "/fill" => fill(&arg("path"), num("bytes")),
+            "/files" => files(&arg("dir"), num("n")),
+            "/spin" if arg("trace") == "1" => Ok(spin_traced(num("ms"))),
             "/spin" => {
                 let end = Instant::now() + Duration::from_millis(num("ms"));
                 let mut x: u64 = 0;
@@ -67,6 +88,29 @@ impl wasi::exports::http::incoming_handler::Guest for Hostile {
             Err(e) => respond(out, 502, format!("refused: {e}\n").as_bytes()),
         }
     }
+}
+
+fn fill(path: &str, bytes: u64) -> Result<String, String> {
+    let mut f = std::fs::File::create(path).map_err(|e| format!("create {path}: {e}"))?;
+    let chunk = [0x5au8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])
+            .map_err(|e| format!("write {path} after {} bytes: {e}", bytes - left))?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(|e| format!("sync {path}: {e}"))?;
+    Ok(format!("wrote {bytes} bytes to {path}"))
+}
+
+fn files(dir: &str, n: u64) -> Result<String, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+    for i in 0..n {
+        std::fs::File::create(format!("{dir}/f{i}"))
+            .map_err(|e| format!("create file {i} in {dir}: {e}"))?;
+    }
+    Ok(format!("created {n} files in {dir}"))
 }
 
 #[inline(never)]
@@ -102,7 +146,7 @@ fn resolve(name: &str) -> Result<String, String> {
     Ok(addrs.join(","))
 }
 
-fn sockets(n: usize) -> String {
+fn sockets(n: usize, hold_ms: u64) -> String {
     let mut held = Vec::new();
     let mut first_err = String::new();
     for _ in 0..n {
@@ -114,7 +158,27 @@ fn sockets(n: usize) -> String {
             }
         }
     }
+    if hold_ms > 0 {
+        println!("holding {} sockets", held.len());
+        std::thread::sleep(Duration::from_millis(hold_ms));
+    }
     format!("held {} sockets; first error: {first_err}", held.len())
+}
+
+fn fields(n: usize, size: usize, hold_ms: u64) -> String {
+    let value = vec![b'x'; size];
+    let mut held = Vec::new();
+    let mut first_err = String::new();
+    for _ in 0..n {
+        let f = Fields::new();
+        if let Err(e) = f.set("x-fill", std::slice::from_ref(&value)) {
+            first_err = format!("{e:?}");
+            break;
+        }
+        held.push(f);
+    }
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    format!("held {} fields; first error: {first_err}", held.len())
 }
 
 fn http_get(url: &str) -> Result<String, String> {
@@ -170,4 +234,29 @@ fn respond(out: ResponseOutparam, status: u16, body: &[u8]) {
         let _ = stream.flush();
     }
     let _ = OutgoingBody::finish(out_body, None);
+}
+
+/// Spins for `ms` of wall time and answers the intervals it ran in (see `/spin?trace=1`).
+fn spin_traced(ms: u64) -> String {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
+    let start = now();
+    let end = start + ms * 1_000_000;
+    let (mut from, mut last) = (start, start);
+    let mut slices = Vec::new();
+    let mut x: u64 = 0;
+    while last < end {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let t = now();
+        if t - last > 1_000_000 {
+            slices.push(format!("{from}-{last}"));
+            from = t;
+        }
+        last = t;
+    }
+    slices.push(format!("{from}-{last}"));
+    format!("{} {}", x & 1, slices.join(" "))
 }

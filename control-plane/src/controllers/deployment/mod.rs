@@ -5,7 +5,9 @@
 //!
 //! [`plan()`] takes one step of a rollout (like the Kubernetes controller, each sync does the
 //! first thing that needs doing and returns) as a pure function of the Deployment and its
-//! ReplicaSets; [`DeploymentController`] adopts/releases ReplicaSets and applies the step.
+//! ReplicaSets; [`DeploymentController`] adopts/releases ReplicaSets (with the ReplicaSet
+//! controller's rule for pods: a matching set without a controller is adopted, its other owner
+//! references kept) and applies the step.
 //!
 //! This file owns the reconciler (what to watch, claiming ReplicaSets, carrying out a
 //! plan's actions, writing the status); the pure step lives in `plan.rs`, re-exported here.
@@ -17,7 +19,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::{json, Value};
 use wasmctl_api::apps::{Deployment, ReplicaSet};
-use wasmctl_api::meta::{DeleteOptions, OwnerReference};
+use wasmctl_api::meta::{DeleteOptions, ObjectMeta};
 use wasmctl_api::selector::Selector;
 
 pub use plan::{
@@ -26,8 +28,56 @@ pub use plan::{
 };
 
 use super::cache::{split_key, Cache};
+use super::replicaset::adoptable;
 use super::{controller_key, deployments, pods, replicasets, Ctx, Reconciler, WorkQueue};
 use crate::error::ApiError;
+
+/// The adoption write of a ReplicaSet, with the ReplicaSet controller's rule for pods
+/// ([`adoptable`]): `cur` (the stored set) with `d` added as its controller (`controller: true`,
+/// `blockOwnerDeletion: true`) next to the owner references it already has; refused ("no
+/// longer an orphan") if it gained a controller, is being deleted or no longer matches, or `d`
+/// is being deleted.
+pub fn adopt_replica_set(d: &Deployment, cur: &Value) -> Result<Value, ApiError> {
+    let refused = || ApiError::BadRequest("no longer an orphan".into());
+    let meta: ObjectMeta =
+        serde_json::from_value(cur["metadata"].clone()).map_err(|_| refused())?;
+    let selector = d
+        .spec
+        .selector
+        .as_ref()
+        .and_then(|s| Selector::from_label_selector(s).ok())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(refused)?;
+    if d.metadata.deletion_timestamp.is_some() || !adoptable(&meta, &selector) {
+        return Err(refused());
+    }
+    let owner = serde_json::to_value(&new_replica_set(d, "", 0, 0, 0).metadata.owner_references[0])
+        .expect("owner references serialise");
+    let mut refs: Vec<Value> = cur["metadata"]["ownerReferences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    // A non-controller reference to this Deployment becomes the controller reference.
+    refs.retain(|o| o["uid"] != owner["uid"]);
+    refs.push(owner);
+    let mut next = cur.clone();
+    next["metadata"]["ownerReferences"] = Value::Array(refs);
+    Ok(next)
+}
+
+/// The release write: `cur` without its reference to the Deployment `uid`; other owners stay.
+fn release_replica_set(uid: &str, cur: &Value) -> Value {
+    let mut next = cur.clone();
+    if let Some(refs) = next["metadata"]["ownerReferences"].as_array_mut() {
+        refs.retain(|o| o["uid"] != uid);
+        if refs.is_empty() {
+            if let Some(m) = next["metadata"].as_object_mut() {
+                m.remove("ownerReferences");
+            }
+        }
+    }
+    next
+}
 
 /// Enqueues the Deployment a change concerns: the Deployment itself, a ReplicaSet's owner
 /// (or, for an orphan ReplicaSet, every Deployment of its namespace), and a pod's
@@ -146,54 +196,37 @@ impl DeploymentController {
             let Ok(rs) = serde_json::from_value::<ReplicaSet>(Value::clone(&v)) else {
                 continue;
             };
-            let matches = selector
-                .as_ref()
-                .is_some_and(|s| !s.is_empty() && s.matches(&rs.metadata.labels));
+            let selector = selector.as_ref().filter(|s| !s.is_empty());
+            let matches = selector.is_some_and(|s| s.matches(&rs.metadata.labels));
             let ctl = rs.metadata.controller().map(|o| o.uid.clone());
-            match (ctl.as_deref() == Some(uid.as_str()), matches) {
-                (true, true) => owned.push(rs),
-                (true, false) => {
-                    self.set_owner(ns, &rs.metadata.name, None).await?;
+            let name = &rs.metadata.name;
+            if ctl.as_deref() == Some(uid.as_str()) {
+                if matches {
+                    owned.push(rs);
+                } else {
+                    let res = self
+                        .ctx
+                        .update(replicasets(), Some(ns), name, |cur| {
+                            Ok(release_replica_set(&uid, cur))
+                        })
+                        .await;
+                    super::ignore_gone(res)?;
                 }
-                (false, true) if ctl.is_none() && rs.metadata.deletion_timestamp.is_none() => {
-                    let owner = new_replica_set(d, "", 0, 0, 0).metadata.owner_references;
-                    if let Ok(v) = self.set_owner(ns, &rs.metadata.name, Some(owner)).await {
-                        if let Ok(rs) = serde_json::from_value(v) {
-                            owned.push(rs);
-                        }
-                    }
+            } else if selector.is_some_and(|s| adoptable(&rs.metadata, s)) {
+                let res = self
+                    .ctx
+                    .update(replicasets(), Some(ns), name, |cur| {
+                        adopt_replica_set(d, cur)
+                    })
+                    .await;
+                if let Ok(rs) = res.and_then(|v| {
+                    serde_json::from_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+                }) {
+                    owned.push(rs);
                 }
-                _ => {}
             }
         }
         Ok(owned)
-    }
-
-    async fn set_owner(
-        &self,
-        ns: &str,
-        name: &str,
-        owner: Option<Vec<OwnerReference>>,
-    ) -> Result<Value, ApiError> {
-        self.ctx
-            .update(replicasets(), Some(ns), name, |cur| {
-                let mut next = cur.clone();
-                match &owner {
-                    Some(o) => {
-                        if !cur["metadata"]["ownerReferences"].is_null() {
-                            return Err(ApiError::BadRequest("no longer an orphan".into()));
-                        }
-                        next["metadata"]["ownerReferences"] = json!(o);
-                    }
-                    None => {
-                        if let Some(m) = next["metadata"].as_object_mut() {
-                            m.remove("ownerReferences");
-                        }
-                    }
-                }
-                Ok(next)
-            })
-            .await
     }
 
     /// Whether any pod of an old ReplicaSet still exists and has not finished.
@@ -278,5 +311,84 @@ impl DeploymentController {
             }
         }
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment() -> Deployment {
+        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "default",
+            "uid": "d-uid"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "c", "image": "hello:v1"}]}}}}))
+        .unwrap()
+    }
+
+    /// A matching ReplicaSet with `refs` as its owner references (`null`: none).
+    fn replica_set(refs: Value) -> Value {
+        let mut rs = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {
+            "name": "web-1", "namespace": "default", "uid": "rs-uid",
+            "labels": {"app": "web"}}, "spec": {}});
+        if !refs.is_null() {
+            rs["metadata"]["ownerReferences"] = refs;
+        }
+        rs
+    }
+
+    /// Leftover of issue 11: a matching ReplicaSet with only non-controller owner references
+    /// was never adopted ("no longer an orphan" for any reference), unlike pods in the
+    /// ReplicaSet controller. It is adoptable; its other references stay, ours is added.
+    #[test]
+    fn a_replica_set_with_only_non_controller_owners_is_adopted_keeping_them() {
+        let d = deployment();
+        let other = json!({"apiVersion": "v1", "kind": "Namespace", "name": "default",
+            "uid": "ns-uid"});
+        let adopted = adopt_replica_set(&d, &replica_set(json!([other]))).expect("adoptable");
+        let refs = adopted["metadata"]["ownerReferences"].as_array().unwrap();
+        assert_eq!(refs.len(), 2, "{refs:?}");
+        assert_eq!(refs[0], other);
+        assert_eq!(
+            (&refs[1]["uid"], &refs[1]["kind"], &refs[1]["controller"]),
+            (&json!("d-uid"), &json!("Deployment"), &json!(true))
+        );
+        // A weak reference to this Deployment becomes the controller reference.
+        let weak = json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
+            "uid": "d-uid"});
+        let adopted = adopt_replica_set(&d, &replica_set(json!([weak]))).expect("adoptable");
+        assert_eq!(
+            adopted["metadata"]["ownerReferences"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            adopted["metadata"]["ownerReferences"][0]["controller"],
+            true
+        );
+        // A set with no references at all, as before.
+        assert!(adopt_replica_set(&d, &replica_set(Value::Null)).is_ok());
+
+        // Refused: another controller, being deleted, not matching, a deleting Deployment.
+        let mut ctl = other.clone();
+        ctl["controller"] = json!(true);
+        assert!(adopt_replica_set(&d, &replica_set(json!([ctl]))).is_err());
+        let mut deleting = replica_set(Value::Null);
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        assert!(adopt_replica_set(&d, &deleting).is_err());
+        let mut foreign = replica_set(Value::Null);
+        foreign["metadata"]["labels"] = json!({"app": "db"});
+        assert!(adopt_replica_set(&d, &foreign).is_err());
+        let mut gone = deployment();
+        gone.metadata.deletion_timestamp = Some(wasmctl_api::Time(chrono::Utc::now()));
+        assert!(adopt_replica_set(&gone, &replica_set(Value::Null)).is_err());
+
+        // Releasing drops only this Deployment's reference.
+        let mut ours = refs[1].clone();
+        ours["blockOwnerDeletion"] = json!(true);
+        let released = release_replica_set("d-uid", &replica_set(json!([other, ours])));
+        assert_eq!(released["metadata"]["ownerReferences"], json!([other]));
     }
 }
