@@ -58,6 +58,9 @@ pub enum ApiError {
     /// (kube-apiserver's `NewTooLargeResourceVersionError`: 504 `Timeout`).
     #[error("Timeout: Too large resource version: {requested}, current: {current}")]
     TooLargeResourceVersion { requested: u64, current: u64 },
+    /// A request that did not complete in time (kube-apiserver's `NewTimeoutError`: 504).
+    #[error("Timeout: {0}")]
+    Timeout(String),
     #[error("the server could not find the requested resource")]
     UnknownPath,
     #[error("Internal error occurred: {0}")]
@@ -122,7 +125,7 @@ impl ApiError {
             ApiError::TooManyRequests(_) => 429,
             ApiError::Internal(_) => 500,
             ApiError::Unavailable(_) => 503,
-            ApiError::TooLargeResourceVersion { .. } => 504,
+            ApiError::TooLargeResourceVersion { .. } | ApiError::Timeout(_) => 504,
         }
     }
 
@@ -142,7 +145,7 @@ impl ApiError {
             ApiError::TooManyRequests(_) => "TooManyRequests",
             ApiError::Internal(_) => "InternalError",
             ApiError::Unavailable(_) => "ServiceUnavailable",
-            ApiError::TooLargeResourceVersion { .. } => "Timeout",
+            ApiError::TooLargeResourceVersion { .. } | ApiError::Timeout(_) => "Timeout",
         }
     }
 

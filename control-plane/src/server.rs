@@ -121,7 +121,7 @@ impl Server {
             modules,
             agents,
             token: creds.token.clone(),
-            watches: Arc::new(Semaphore::new(api.max_watches)),
+            watches: Arc::new(Semaphore::new(api.max_watches.min(Semaphore::MAX_PERMITS))),
             lists: crate::objects::ListGate::new(api.max_lists),
             config: api,
             shutdown: shutdown.clone(),

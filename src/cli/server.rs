@@ -81,6 +81,9 @@ pub struct ApiTimeoutArgs {
     /// dropped. Default 60s.
     #[arg(long, hide = true, value_parser = super::parse_duration)]
     pub write_stall_timeout: Option<Duration>,
+    /// How long a request body may take to arrive in full. Default 60s.
+    #[arg(long, hide = true, value_parser = super::parse_duration)]
+    pub request_body_timeout: Option<Duration>,
 }
 
 impl ServerArgs {
@@ -99,6 +102,9 @@ impl ServerArgs {
         }
         if let Some(t) = self.api_timeouts.write_stall_timeout {
             cfg.api_timeouts.write_stall = t;
+        }
+        if let Some(t) = self.api_timeouts.request_body_timeout {
+            cfg.api_timeouts.request_body = t;
         }
         cfg.tls_sans = self.tls_sans.clone();
         cfg.snapshot_logs = self.snapshot_logs;

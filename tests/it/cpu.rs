@@ -50,6 +50,10 @@ async fn spin_traced(ips: &[String], n: usize, ms: u64) -> Vec<Vec<(u64, u64)>> 
             .collect();
         traces.push(slices);
     }
+    assert!(
+        traces.iter().all(|t| !t.is_empty()),
+        "a spinning request never ran"
+    );
     // Measure from when the last request started computing plus the warm-up.
     let from = traces.iter().map(|t| t[0].0).max().unwrap() + WARMUP_NS;
     traces

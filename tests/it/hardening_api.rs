@@ -513,3 +513,43 @@ async fn a_watch_whose_client_stopped_reading_frees_its_slot_at_its_deadline() {
     );
     drop(stuck);
 }
+
+/// Review leftover of item 14: a client that trickles its request body holds its connection
+/// no longer than the body timeout, then gets kube's 504 `Timeout` Status.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_that_never_arrives_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(dir.path(), &["--request-body-timeout", "1s"]).await;
+    let addr = addr(&s);
+    let cfg = tls_config(&s);
+    let token = s.token.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut slow = tls_open(&addr, &cfg);
+        assert!(handshake(&mut slow, Duration::from_secs(5)));
+        send(
+            &mut slow,
+            format!(
+                "POST /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\n\
+                 Authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+                 content-length: 200\r\n\r\n{{\"kind\":"
+            )
+            .as_bytes(),
+        );
+        // The rest of the body never comes. The server answers, then closes (the body was
+        // not read to its end).
+        let mut answer = Vec::new();
+        slow.sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = slow.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+        assert!(text.contains(r#""reason":"Timeout""#), "{text}");
+        assert!(
+            text.contains("Timeout: the request body did not arrive within 1s"),
+            "{text}"
+        );
+    })
+    .await
+    .unwrap();
+}

@@ -26,6 +26,16 @@ impl Kind for Namespace {
                 errs.invalid("metadata.name", e);
             }
         }
+        // Only the namespace controller's own finalizer: nothing here serves
+        // `namespaces/{name}/finalize`, so another one could never be removed and would keep
+        // the namespace (and its name) terminating for good.
+        if let Some(spec) = &self.spec {
+            for (i, f) in spec.finalizers.iter().enumerate() {
+                if f != "kubernetes" {
+                    errs.not_supported(format!("spec.finalizers[{i}]"), f, &["kubernetes"]);
+                }
+            }
+        }
         if let Some(s) = &self.status {
             one_of(
                 s.phase.as_deref(),
@@ -127,5 +137,32 @@ impl Kind for Lease {
                 errs.invalid("spec.leaseTransitions", format!("must be >= 0, got {t}"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::registry::resolve;
+    use crate::validation::normalize;
+    use serde_json::json;
+
+    #[test]
+    fn a_namespace_takes_only_the_kubernetes_finalizer() {
+        let ns = |f: serde_json::Value| {
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"},
+                "spec": {"finalizers": f}})
+        };
+        assert!(normalize(resolve("namespaces").unwrap(), ns(json!(["kubernetes"]))).is_ok());
+        let err = normalize(
+            resolve("namespaces").unwrap(),
+            ns(json!(["kubernetes", "x"])),
+        )
+        .unwrap_err();
+        assert_eq!(err.errors[0].field, "spec.finalizers[1]");
+        assert!(
+            err.to_string()
+                .contains(r#"Unsupported value: "x": supported values: "kubernetes""#),
+            "{err}"
+        );
     }
 }

@@ -63,6 +63,11 @@ pub const TCP_KEEPALIVE_TIME: Duration = Duration::from_secs(60);
 pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 pub const TCP_KEEPALIVE_RETRIES: u32 = 4;
 
+/// How long a request body may take to arrive in full (kube-apiserver's default
+/// `--request-timeout` for requests that are not long-running, 60 s): a client trickling its
+/// body holds a connection permit no longer than that, then gets 504 `Timeout`.
+pub const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The per-connection deadlines (the constants above by default; shorter in tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnTimeouts {
@@ -74,6 +79,8 @@ pub struct ConnTimeouts {
     pub idle: Duration,
     /// [`WRITE_STALL_TIMEOUT`].
     pub write_stall: Duration,
+    /// [`REQUEST_BODY_TIMEOUT`].
+    pub request_body: Duration,
 }
 
 impl Default for ConnTimeouts {
@@ -83,6 +90,7 @@ impl Default for ConnTimeouts {
             request_header: REQUEST_HEADER_TIMEOUT,
             idle: IDLE_TIMEOUT,
             write_stall: WRITE_STALL_TIMEOUT,
+            request_body: REQUEST_BODY_TIMEOUT,
         }
     }
 }
@@ -398,6 +406,7 @@ mod tests {
             request_header: HEADER,
             idle: IDLE,
             write_stall: STALL,
+            request_body: REQUEST_BODY_TIMEOUT,
         })
     }
 
@@ -480,6 +489,7 @@ mod tests {
             request_header: Duration::from_millis(50),
             idle: Duration::from_secs(3600),
             write_stall: Duration::from_secs(3600),
+            request_body: REQUEST_BODY_TIMEOUT,
         });
         drop(t.request_started(false));
         let waiter = tokio::spawn({

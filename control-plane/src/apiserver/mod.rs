@@ -107,7 +107,9 @@ pub async fn serve(
     state: Arc<ApiState>,
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
-    let conns = Arc::new(Semaphore::new(state.config.max_connections));
+    let conns = Arc::new(Semaphore::new(
+        state.config.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let timeouts = state.config.timeouts;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own HTTP/1 header timeout also runs while a kept-alive connection waits for
@@ -477,7 +479,10 @@ fn include_object(q: &Query) -> IncludeObject {
     }
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<(Option<String>, Bytes), ApiError> {
+async fn read_body(
+    req: Request<Incoming>,
+    within: Duration,
+) -> Result<(Option<String>, Bytes), ApiError> {
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -489,18 +494,33 @@ async fn read_body(req: Request<Incoming>) -> Result<(Option<String>, Bytes), Ap
                 .trim()
                 .to_ascii_lowercase()
         });
-    let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                ApiError::TooLarge(format!("the request body exceeds {MAX_BODY_BYTES} bytes"))
-            } else {
-                ApiError::BadRequest(format!("reading the request body: {e}"))
-            }
-        })?
-        .to_bytes();
+    let body = collect_body(req.into_body(), MAX_BODY_BYTES, within, "the request body").await?;
     Ok((ct, body))
+}
+
+/// The whole of `body`: at most `limit` bytes (else 413), arrived within `within` (else 504
+/// `Timeout`: a trickling client holds its connection no longer than that).
+async fn collect_body(
+    body: Incoming,
+    limit: usize,
+    within: Duration,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    let collected = tokio::time::timeout(within, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| {
+            ApiError::Timeout(format!(
+                "{what} did not arrive within {}s",
+                within.as_secs()
+            ))
+        })?;
+    match collected {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::TooLarge(format!("{what} exceeds {limit} bytes")))
+        }
+        Err(e) => Err(ApiError::BadRequest(format!("reading {what}: {e}"))),
+    }
 }
 
 fn parse_json_body(ct: Option<&str>, body: &[u8]) -> Result<Value, ApiError> {
@@ -557,6 +577,11 @@ async fn route_request(
                     let opts = list_options(&q)?;
                     let as_table = wants_table(&req);
                     let include = include_object(&q);
+                    // A list from a revision ahead of the store waits for it (up to 3 s)
+                    // before it takes a list slot, so such lists cannot starve the others.
+                    if opts.min_revision > 0 && opts.continue_token.is_none() {
+                        state.objects.wait_for_revision(opts.min_revision).await?;
+                    }
                     let permit = state.lists.enter().await?;
                     let page = state.objects.list(info, ns, &opts).await?;
                     list_response(
@@ -592,14 +617,14 @@ async fn route_request(
                     if dry_run {
                         return Err(ApiError::BadRequest("dryRun is not supported".into()));
                     }
-                    let (ct, body) = read_body(req).await?;
+                    let (ct, body) = read_body(req, state.config.timeouts.request_body).await?;
                     let v = parse_json_body(ct.as_deref(), &body)?;
                     let created = state.objects.create(info, ns, v).await?;
                     Ok(json_response(StatusCode::CREATED, &created))
                 }
                 Method::DELETE => {
                     let opts = list_options(&q)?;
-                    let (_, body) = read_body(req).await?;
+                    let (_, body) = read_body(req, state.config.timeouts.request_body).await?;
                     let dopts = delete_options(&q, &body)?;
                     let _permit = state.lists.enter().await?;
                     let page = state.objects.list(info, ns, &opts).await?;
@@ -641,7 +666,7 @@ async fn route_request(
                 if method != Method::POST {
                     return Err(ApiError::MethodNotAllowed);
                 }
-                let (ct, body) = read_body(req).await?;
+                let (ct, body) = read_body(req, state.config.timeouts.request_body).await?;
                 let binding = parse_json_body(ct.as_deref(), &body)?;
                 let pod = bind_pod(&state, ns.unwrap_or("default"), &name, &binding).await?;
                 tracing::debug!(pod = %name, node = %pod["spec"]["nodeName"], "bound");
@@ -662,7 +687,7 @@ async fn route_request(
                     Method::GET => ok(scale::to_scale(&state.objects.get(info, ns, &name).await?)),
                     Method::PUT | Method::PATCH => {
                         let is_patch = method == Method::PATCH;
-                        let (ct, body) = read_body(req).await?;
+                        let (ct, body) = read_body(req, state.config.timeouts.request_body).await?;
                         let v = parse_json_body(
                             if is_patch {
                                 Some("application/json")
@@ -701,12 +726,12 @@ async fn route_request(
                     ok(obj)
                 }
                 Method::PUT => {
-                    let (ct, body) = read_body(req).await?;
+                    let (ct, body) = read_body(req, state.config.timeouts.request_body).await?;
                     let v = parse_json_body(ct.as_deref(), &body)?;
                     ok(state.objects.update(info, ns, &name, v, sub).await?)
                 }
                 Method::PATCH => {
-                    let (ct, body) = read_body(req).await?;
+                    let (ct, body) = read_body(req, state.config.timeouts.request_body).await?;
                     let patch = parse_json_body(Some("application/json"), &body)?;
                     match ct.as_deref() {
                         Some(
@@ -729,7 +754,7 @@ async fn route_request(
                     if sub != Subresource::Main {
                         return Err(ApiError::MethodNotAllowed);
                     }
-                    let (_, body) = read_body(req).await?;
+                    let (_, body) = read_body(req, state.config.timeouts.request_body).await?;
                     let opts = delete_options(&q, &body)?;
                     ok(state.objects.delete(info, ns, &name, &opts).await?)
                 }
@@ -774,20 +799,15 @@ async fn modules_route(
     match (req.method().clone(), parts.as_slice()) {
         (Method::POST, ["push"]) => {
             let r = tag_ref()?;
-            let body = Limited::new(req.into_body(), modules::MAX_MODULE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        ApiError::TooLarge(format!(
-                            "the module exceeds {} bytes",
-                            modules::MAX_MODULE_BYTES
-                        ))
-                    } else {
-                        ApiError::BadRequest(format!("reading the module: {e}"))
-                    }
-                })?
-                .to_bytes();
+            // A module may be large: the body gets ten times the usual time.
+            let within = state.config.timeouts.request_body * 10;
+            let body = collect_body(
+                req.into_body(),
+                modules::MAX_MODULE_BYTES,
+                within,
+                "the module",
+            )
+            .await?;
             let reg = state.modules.clone();
             let size = body.len();
             let r2 = r.clone();

@@ -118,16 +118,21 @@ pub fn adopt(rs: &ReplicaSet, cur: &Value) -> Result<Value, ApiError> {
         return Err(refused());
     }
     let owner = new_pod(rs)["metadata"]["ownerReferences"][0].clone();
+    Ok(with_controller_ref(cur, owner))
+}
+
+/// `cur` with `owner` (a controller reference) among its owner references: the other owners
+/// stay, and a non-controller reference to the same owner becomes the controller reference.
+pub(super) fn with_controller_ref(cur: &Value, owner: Value) -> Value {
     let mut refs: Vec<Value> = cur["metadata"]["ownerReferences"]
         .as_array()
         .cloned()
         .unwrap_or_default();
-    // A non-controller reference to this set becomes the controller reference.
     refs.retain(|o| o["uid"] != owner["uid"]);
     refs.push(owner);
     let mut next = cur.clone();
     next["metadata"]["ownerReferences"] = Value::Array(refs);
-    Ok(next)
+    next
 }
 
 /// The decision for `rs`, given every pod of its namespace.

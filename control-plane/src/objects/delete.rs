@@ -182,7 +182,7 @@ impl Objects {
     }
 
     /// Compare-and-swap put of `obj` at `key`; `None` if the key changed meanwhile.
-    async fn put_if(
+    pub(super) async fn put_if(
         &self,
         key: &str,
         obj: &Value,

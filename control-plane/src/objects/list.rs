@@ -61,7 +61,7 @@ pub struct ListGate {
 impl ListGate {
     pub fn new(max_lists: usize) -> Self {
         ListGate {
-            slots: Arc::new(Semaphore::new(max_lists.max(1))),
+            slots: Arc::new(Semaphore::new(max_lists.clamp(1, Semaphore::MAX_PERMITS))),
         }
     }
 

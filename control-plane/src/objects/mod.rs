@@ -152,6 +152,18 @@ impl Objects {
                 let meta = &item["metadata"];
                 let name = meta["name"].as_str().unwrap_or_default().to_string();
                 let uid = meta["uid"].as_str().unwrap_or_default().to_string();
+                if !delete::has_spec_finalizers(&item) {
+                    // Terminating since before namespaces carried the `kubernetes`
+                    // finalizer: add it first, or the cleanup's first status write (or any
+                    // update) would remove the namespace while its content remains.
+                    let mut next = item.clone();
+                    delete::add_namespace_finalizer(&mut next);
+                    let rev = meta["resourceVersion"]
+                        .as_str()
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0);
+                    self.put_if(&ns.key("", &name), &next, rev).await?;
+                }
                 self.spawn_namespace_cleanup(name, uid);
             }
         }

@@ -187,6 +187,9 @@ struct BetweenBytes<B> {
     inner: B,
     timeout: Duration,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The guest is waiting for the peer (the clock runs only then: time the guest spends
+    /// not reading — throttled, busy — is not the peer's pause).
+    waiting: bool,
 }
 
 impl<B> BetweenBytes<B> {
@@ -195,6 +198,7 @@ impl<B> BetweenBytes<B> {
             inner,
             timeout,
             deadline: Box::pin(tokio::time::sleep(timeout)),
+            waiting: false,
         }
     }
 }
@@ -213,14 +217,20 @@ where
         use std::task::Poll;
         match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + self.timeout;
-                self.deadline.as_mut().reset(next);
+                self.waiting = false;
                 Poll::Ready(frame)
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Error::ConnectionReadTimeout))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if !self.waiting {
+                    self.waiting = true;
+                    let next = tokio::time::Instant::now() + self.timeout;
+                    self.deadline.as_mut().reset(next);
+                }
+                match self.deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Error::ConnectionReadTimeout))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -251,6 +261,20 @@ mod tests {
             .unwrap();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"a"));
+        // The guest reads late (150 ms, past the timeout), then waits 50 ms for the peer:
+        // only the 50 ms count.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let late = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = late
+                .send(Ok(hyper::body::Frame::data(Bytes::from_static(b"b"))))
+                .await;
+        });
+        assert!(
+            body.frame().await.unwrap().is_ok(),
+            "read late, not timed out"
+        );
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(50)).await;
             tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"b"))))

@@ -222,9 +222,17 @@ impl PodSandbox {
             ip,
             budget,
             runtime,
-            requests: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
-            connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-            instances: Arc::new(Semaphore::new(limits.max_instances.max(1))),
+            requests: Arc::new(Semaphore::new(
+                limits
+                    .max_concurrent_requests
+                    .clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            connections: Arc::new(Semaphore::new(
+                limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            instances: Arc::new(Semaphore::new(
+                limits.max_instances.clamp(1, Semaphore::MAX_PERMITS),
+            )),
             limits,
             routes: RwLock::new(HashMap::new()),
             kill: CancellationToken::new(),

@@ -396,8 +396,8 @@ impl StoreSockets {
 }
 
 /// The longest the host's resolver works on one name: glibc's defaults (5 s timeout, 2
-/// attempts) for each of up to 3 nameservers.
-pub const RESOLVER_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// attempts) for each of up to 3 nameservers and up to 6 search domains.
+pub const RESOLVER_MAX: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// Holds lookup slots whose `getaddrinfo` may still run until it must have ended.
 fn linger(permits: Vec<tokio::sync::OwnedSemaphorePermit>) {

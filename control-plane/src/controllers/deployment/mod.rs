@@ -28,7 +28,7 @@ pub use plan::{
 };
 
 use super::cache::{split_key, Cache};
-use super::replicaset::adoptable;
+use super::replicaset::{adoptable, with_controller_ref};
 use super::{controller_key, deployments, pods, replicasets, Ctx, Reconciler, WorkQueue};
 use crate::error::ApiError;
 
@@ -53,16 +53,7 @@ pub fn adopt_replica_set(d: &Deployment, cur: &Value) -> Result<Value, ApiError>
     }
     let owner = serde_json::to_value(&new_replica_set(d, "", 0, 0, 0).metadata.owner_references[0])
         .expect("owner references serialise");
-    let mut refs: Vec<Value> = cur["metadata"]["ownerReferences"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    // A non-controller reference to this Deployment becomes the controller reference.
-    refs.retain(|o| o["uid"] != owner["uid"]);
-    refs.push(owner);
-    let mut next = cur.clone();
-    next["metadata"]["ownerReferences"] = Value::Array(refs);
-    Ok(next)
+    Ok(with_controller_ref(cur, owner))
 }
 
 /// The release write: `cur` without its reference to the Deployment `uid`; other owners stay.
