@@ -35,10 +35,12 @@
 //!   back a slot whose holder has not ticked for [`STALE_TICKS`] while others wait. If that
 //!   holder computes again, its next tick finds it without a slot and it queues.
 //!
-//! Bound: with `S` slots on `C` cores, a request that is not CPU-bound waits for a worker at
-//! most about one tick behind each of the `C - S` … `C` runnable guests, whatever the number of
-//! spinning guests on the node; a pod's CPU use per period is at most its quota plus one tick
-//! per runner (`ceil(limits.cpu)` runners), plus one ungated tick per newly started guest.
+//! Bound: with `S` slots on `C` workers (`S < C`), at most `S` CPU-bound guests are runnable
+//! at any time, however many spin on the node, so `C − S` workers only ever run short tasks: a
+//! request that is not CPU-bound waits behind the spinners only for what runs before the gate
+//! applies (each new guest's slice up to its first epoch check). A pod's CPU per period is at
+//! most its quota plus one tick per runner (`ceil(limits.cpu)` runners), plus one ungated tick
+//! for a guest of a pod that had no CPU-bound guest yet. Measured in BENCHMARKS.md (isolation).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
