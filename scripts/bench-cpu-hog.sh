@@ -16,25 +16,7 @@ up_wait
 wctl push "$APPS/hello.wasm" hello:v1 >/dev/null
 wctl push "$APPS/cpu-hog.wasm" cpu-hog:v1 >/dev/null
 wctl push "$APPS/hostile.wasm" hostile:v1 >/dev/null
-pod_running() { case "$(wctl get pod "$1" -o json)" in *'"phase": "Running"'*) return 0 ;; esac; return 1; }
-pod() { # NAME IMAGE [CPU_LIMIT]
-  local limits=""
-  [ -z "${3:-}" ] || limits="resources: {limits: {cpu: $3}}"
-  wctl apply -f - >/dev/null <<YAML
-apiVersion: v1
-kind: Pod
-metadata: {name: $1}
-spec:
-  nodeName: node-1
-  containers:
-  - name: c
-    image: $2
-    ports: [{containerPort: 8080}]
-    $limits
-YAML
-  wait_for 120 pod_running "$1" || { echo "pod $1 did not start" >&2; exit 1; }
-}
-pod hello hello:v1
+pod_start hello hello:v1
 IP=$(pod_ip hello)
 measure() {
   wrk -t1 -c1 -d10s --latency "http://$IP:8080/" >"$WORK/wrk.txt"
@@ -49,11 +31,11 @@ echo "wasmctl: $("$WASMCTL_BIN" --version); $(nproc) cores; wrk -t1 -c1 -d10s ag
 echo "| neighbours on the node | req/s | p50 | p99 | max |"
 echo "|---|---:|---:|---:|---:|"
 measure "none"
-pod hog-limited cpu-hog:v1 200m
+pod_start hog-limited cpu-hog:v1 200m
 measure "1 cpu-hog, limits.cpu 200m"
 wctl delete pod hog-limited >/dev/null
-pod hog-a cpu-hog:v1
-pod hog-b cpu-hog:v1
+pod_start hog-a cpu-hog:v1
+pod_start hog-b cpu-hog:v1
 measure "2 cpu-hogs, no limit (one per core)"
 wctl delete pod hog-a hog-b >/dev/null
 # N connections of back-to-back 200 ms spinning requests against POD, in the background: a
@@ -68,12 +50,12 @@ stop_spinners() {
   local pid
   for pid in "${BG_PIDS[@]}"; do bg_stop "$pid"; done
 }
-pod spin-limited hostile:v1 500m
+pod_start spin-limited hostile:v1 500m
 spinners spin-limited 20
 measure "hostile pod, limits.cpu 500m, 20 requests spinning"
 stop_spinners
 wctl delete pod spin-limited >/dev/null
-pod spin-unlimited hostile:v1
+pod_start spin-unlimited hostile:v1
 spinners spin-unlimited 20
 measure "hostile pod, no limit, 20 requests spinning"
 stop_spinners

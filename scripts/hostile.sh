@@ -15,25 +15,6 @@ up_start "$WORK" --pod-cidr 127.77.0.0/16
 up_wait
 wctl push "$APPS/hello.wasm" hello:v1 >/dev/null
 wctl push "$APPS/hostile.wasm" hostile:v1 >/dev/null
-pod_running() { case "$(wctl get pod "$1" -o json)" in *'"phase": "Running"'*) return 0 ;; esac; return 1; }
-pod() { # NAME IMAGE [EGRESS]
-  local ann=""
-  [ -z "${3:-}" ] || ann="annotations: {wasmctl.dev/egress: \"$3\"}"
-  wctl apply -f - >/dev/null <<YAML
-apiVersion: v1
-kind: Pod
-metadata:
-  name: $1
-  $ann
-spec:
-  nodeName: node-1
-  containers:
-  - name: c
-    image: $2
-    ports: [{containerPort: 8080}]
-YAML
-  wait_for 120 pod_running "$1" || { echo "pod $1 did not start" >&2; exit 1; }
-}
 rss() { awk '/^VmRSS/ {print $2 " " $3}' "/proc/$UP_PID/status"; }
 measure() {
   wrk -t1 -c1 -d10s --latency "http://$IP:8080/" >"$WORK/wrk.txt"
@@ -43,9 +24,9 @@ measure() {
   p99=$(awk '$1=="99%" {print $2}' "$WORK/wrk.txt")
   echo "| $1 | $rps | $p50 | $p99 | $(rss) |"
 }
-pod hello hello:v1
-pod hostile hostile:v1
-pod hostile-all hostile:v1 '*'
+pod_start hello hello:v1
+pod_start hostile hostile:v1
+pod_start hostile-all hostile:v1 '' '*'
 IP=$(pod_ip hello)
 H1=$(pod_ip hostile)
 H2=$(pod_ip hostile-all)

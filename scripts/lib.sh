@@ -152,6 +152,33 @@ wctl() { "$WASMCTL_BIN" ${UP_KUBECONFIG:+--kubeconfig "$UP_KUBECONFIG"} "$@"; }
 # pod_ip NAME: the pod's IP (empty until it has one).
 pod_ip() { wctl get pod "$1" -o json | sed -n 's/.*"podIP": *"\([0-9.]*\)".*/\1/p'; }
 
+# pod_running NAME: the pod's phase is Running.
+pod_running() { case "$(wctl get pod "$1" -o json)" in *'"phase": "Running"'*) return 0 ;; esac; return 1; }
+
+# pod_start NAME IMAGE [CPU_LIMIT] [EGRESS]: a pod on node-1 serving containerPort 8080,
+# with `limits.cpu` and the `wasmctl.dev/egress` annotation when given; waits until it runs
+# (exits the script if it does not within 120 s).
+pod_start() {
+  local limits="" ann=""
+  [ -z "${3:-}" ] || limits="resources: {limits: {cpu: $3}}"
+  [ -z "${4:-}" ] || ann="annotations: {wasmctl.dev/egress: \"$4\"}"
+  wctl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata:
+  name: $1
+  $ann
+spec:
+  nodeName: node-1
+  containers:
+  - name: c
+    image: $2
+    ports: [{containerPort: 8080}]
+    $limits
+YAML
+  wait_for 120 pod_running "$1" || { echo "pod $1 did not start" >&2; exit 1; }
+}
+
 # wait_for SECONDS CMD [ARGS...]: run CMD (its output discarded; a shell function may set
 # variables) every 0.1 s until it succeeds: 0, or 1 once SECONDS have passed.
 wait_for() {

@@ -518,18 +518,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use wasmctl_store::{Store, StoreConfig};
+    use crate::controllers::tests::open;
 
     use crate::objects::ListOptions;
-
-    async fn open(dir: &std::path::Path) -> (Store, Objects) {
-        let mut cfg = StoreConfig::new(dir);
-        cfg.fsync = false;
-        let store = Store::open(cfg).await.expect("store opens");
-        let objects = Objects::new(store.clone(), CancellationToken::new());
-        objects.bootstrap().await.expect("bootstrap");
-        (store, objects)
-    }
 
     async fn create(objects: &Objects, plural: &str, ns: Option<&str>, obj: Value) {
         let info = registry::resolve(plural).expect("served");

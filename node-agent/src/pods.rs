@@ -366,16 +366,7 @@ impl PodWorker {
     /// and its status says `Failed`/`Evicted` and why (retried; it is never restarted).
     async fn report_eviction(&mut self, message: &str) {
         let _ = tokio::fs::remove_dir_all(crate::volumes::volumes_dir(&self.dir)).await;
-        let st = status::pod_status(StatusInput {
-            containers: self.containers.iter().map(|c| c.snapshot()).collect(),
-            policy: self.policy,
-            pod_ip: Some(self.ip.to_string()),
-            host_ip: &self.ctx.cfg.node_ip.to_string(),
-            start_time: self.start_time,
-            prev: &self.last_status,
-            now: Time::now(),
-        });
-        let body = json!({ "status": crate::volumes::evicted_status(st, message) });
+        let body = json!({ "status": crate::volumes::evicted_status(self.status_now(), message) });
         let path = format!("{}/status", self.pref.path());
         for attempt in 0..10u32 {
             match self.ctx.api.merge_patch(&path, &body).await {
@@ -411,18 +402,21 @@ impl PodWorker {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.sandbox.tasks.wait()).await;
     }
 
-    async fn write_status(&mut self) {
-        let containers: Vec<ContainerStatus> =
-            self.containers.iter().map(|c| c.snapshot()).collect();
-        let st = status::pod_status(StatusInput {
-            containers,
+    /// The pod's status as its containers stand now.
+    fn status_now(&self) -> PodStatus {
+        status::pod_status(StatusInput {
+            containers: self.containers.iter().map(|c| c.snapshot()).collect(),
             policy: self.policy,
             pod_ip: Some(self.ip.to_string()),
             host_ip: &self.ctx.cfg.node_ip.to_string(),
             start_time: self.start_time,
             prev: &self.last_status,
             now: Time::now(),
-        });
+        })
+    }
+
+    async fn write_status(&mut self) {
+        let st = self.status_now();
         let body = json!({ "status": st });
         if self.last_written.as_ref() == Some(&body) {
             return;
