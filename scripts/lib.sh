@@ -246,3 +246,269 @@ out.update({"req_per_s": grab(r"^Requests/sec:\s+(\S+)"), "p50": grab(r"^\s+50%\
 print(json.dumps(out))
 PY
 }
+
+# ---------------------------------------------------------------- HA clusters (issue 12)
+# bench-ha.sh and bench-catchup.sh: a 3-member etcd cluster and a 3-member wasmctl HA control
+# plane as processes, each member on its own ports (etcd) or loopback IP (wasmctl), fsync on.
+
+# free_ports COUNT [IP...]: COUNT distinct TCP ports, each free right now on every IP (default
+# 127.0.0.1), one a line.
+free_ports() {
+  local count=$1
+  shift
+  python3 - "$count" "${@:-127.0.0.1}" <<'PY'
+import socket, sys
+count, ips = int(sys.argv[1]), sys.argv[2:]
+held, ports = [], []
+while len(ports) < count:
+    s = socket.socket()
+    s.bind((ips[0], 0))
+    port = s.getsockname()[1]
+    held.append(s)
+    ok = True
+    for ip in ips[1:]:
+        t = socket.socket()
+        try:
+            t.bind((ip, port))
+        except OSError:
+            ok = False
+        t.close()
+    if ok:
+        ports.append(port)
+print("\n".join(map(str, ports)))
+PY
+}
+
+# _bg_forget PID: no longer stop PID at exit (it was stopped and reaped already).
+_bg_forget() {
+  local pid rest=()
+  for pid in "${BG_PIDS[@]}"; do [ "$pid" = "$1" ] || rest+=("$pid"); done
+  BG_PIDS=("${rest[@]}")
+}
+
+# _stop_reap SECONDS PID...: SIGTERM each PID, up to SECONDS for all to exit, then SIGKILL
+# (also ends a SIGSTOPped one); reap them and forget them (bg_track).
+_stop_reap() {
+  local deadline=$((SECONDS + $1)) pid alive
+  shift
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; kill -CONT "$pid" 2>/dev/null || true; done
+  while :; do
+    alive=0
+    for pid in "$@"; do ! kill -0 "$pid" 2>/dev/null || alive=1; done
+    if [ "$alive" = 0 ] || [ "$SECONDS" -ge "$deadline" ]; then break; fi
+    sleep 0.1
+  done
+  for pid in "$@"; do
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    _bg_forget "$pid"
+  done
+}
+
+# The etcd cluster etcd_cluster_start formed: member i (1..N) is named ei, serves clients at
+# ETCD_URLS[i] and peers at ETCD_PEER_URLS[i], keeps its data in ETCD_BASE/ei and its log in
+# ETCD_BASE/ei.log (appended across restarts); ETCD_PIDS[i] is its process; ETCD_CLUSTER is
+# the --initial-cluster list.
+ETCD_BASE=""
+ETCD_CLUSTER=""
+ETCD_URLS=()
+ETCD_PEER_URLS=()
+ETCD_PIDS=()
+
+# etcd_cluster_start DIR N [ETCD_ARGS...]: an N-member etcd cluster (Debian's etcd 3.4, its
+# defaults: fsync on, heartbeat 100 ms, election timeout 1000 ms) on 127.0.0.1, fresh client
+# and peer ports; waits (60 s) until every member answers /health (it has a leader).
+# ETCD_ARGS go to every member.
+etcd_cluster_start() {
+  local dir=$1 n=$2 i
+  shift 2
+  local -a ports
+  mapfile -t ports < <(free_ports $((2 * n)))
+  ETCD_BASE=$dir
+  ETCD_CLUSTER=""
+  for ((i = 1; i <= n; i++)); do
+    ETCD_URLS[i]="http://127.0.0.1:${ports[2 * i - 2]}"
+    ETCD_PEER_URLS[i]="http://127.0.0.1:${ports[2 * i - 1]}"
+    ETCD_CLUSTER+="${ETCD_CLUSTER:+,}e$i=${ETCD_PEER_URLS[i]}"
+  done
+  mkdir -p "$dir"
+  for ((i = 1; i <= n; i++)); do
+    etcd_member_start "$i" --initial-cluster-state new --initial-cluster-token "bench-$$" "$@"
+  done
+  for ((i = 1; i <= n; i++)); do
+    wait_for 60 curl -sf "${ETCD_URLS[i]}/health" || {
+      echo "etcd member e$i (${ETCD_URLS[i]}) is not healthy within 60 s; its log:" >&2
+      tail -n 30 "$dir/e$i.log" >&2
+      exit 1
+    }
+  done
+}
+
+# etcd_member_start I [ETCD_ARGS...]: start etcd member I (its name, data dir, URLs and
+# --initial-cluster ETCD_CLUSTER; these initial-* flags are ignored once its data dir exists)
+# in the background.
+etcd_member_start() {
+  local i=$1
+  shift
+  etcd --name "e$i" --data-dir "$ETCD_BASE/e$i" \
+    --listen-client-urls "${ETCD_URLS[i]}" --advertise-client-urls "${ETCD_URLS[i]}" \
+    --listen-peer-urls "${ETCD_PEER_URLS[i]}" --initial-advertise-peer-urls "${ETCD_PEER_URLS[i]}" \
+    --initial-cluster "$ETCD_CLUSTER" --log-level error "$@" >>"$ETCD_BASE/e$i.log" 2>&1 &
+  ETCD_PIDS[i]=$!
+  bg_track $!
+}
+
+# etcd_member_stop I: stop etcd member I (SIGTERM, 30 s, then SIGKILL).
+etcd_member_stop() {
+  local pid=${ETCD_PIDS[$1]:-}
+  [ -n "$pid" ] || return 0
+  _stop_reap 30 "$pid"
+  ETCD_PIDS[$1]=""
+}
+
+# etcd_leader: the number i of the etcd member that leads (its /v3/maintenance/status names
+# itself as leader); fails if none does.
+etcd_leader() {
+  python3 - "${ETCD_URLS[@]}" <<'PY'
+import json, sys, urllib.request
+for i, url in enumerate(sys.argv[1:], 1):
+    try:
+        req = urllib.request.Request(url + "/v3/maintenance/status", data=b"{}", method="POST")
+        s = json.load(urllib.request.urlopen(req, timeout=2))
+    except Exception:
+        continue
+    if s.get("leader") and s.get("leader") == s.get("header", {}).get("member_id"):
+        print(i)
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+
+# etcd_cluster_stop: stop every running etcd member at once (SIGTERM, 30 s, then SIGKILL).
+etcd_cluster_stop() {
+  local i pids=()
+  for i in "${!ETCD_PIDS[@]}"; do [ -z "${ETCD_PIDS[i]}" ] || pids+=("${ETCD_PIDS[i]}"); done
+  [ ${#pids[@]} -eq 0 ] || _stop_reap 30 "${pids[@]}"
+  ETCD_PIDS=()
+}
+
+# The wasmctl HA cluster ha_cluster_start formed: member i (1..N) listens on HA_ADDRS[i]
+# (127.0.12.i:PORT, one port for all), keeps its state in HA_DIRS[i] (its own kubeconfig:
+# HA_DIRS[i]/kubeconfig.yaml, naming itself) and its stdout / stderr in HA_BASE/si.out and
+# HA_BASE/si.log (appended across restarts, outside the data dir); HA_PIDS[i] is its process.
+# HA_ARGS: extra `wasmctl server` arguments for every member (e.g. --raft-election-timeout),
+# set before ha_cluster_start.
+HA_BASE=""
+HA_ADDRS=()
+HA_DIRS=()
+HA_PIDS=()
+HA_ARGS=()
+
+# ha_init: bench_init, and at exit first ha_cluster_stop and etcd_cluster_stop (members stop
+# together, with a deadline), then bench_cleanup.
+ha_init() {
+  bench_init
+  trap 'ha_cluster_stop; etcd_cluster_stop; bench_cleanup' EXIT
+}
+
+# ha_member_start I [ARGS...]: start member I (`wasmctl server --data-dir HA_DIRS[I] --listen
+# HA_ADDRS[I] HA_ARGS... ARGS...`) in the background; a member that already has its data dir
+# needs no other arguments (--cluster-init, --join are ignored then).
+ha_member_start() {
+  local i=$1
+  shift
+  [ -z "${HA_PIDS[i]:-}" ] || { echo "lib.sh: HA member $i (${HA_PIDS[i]}) is already running" >&2; exit 1; }
+  "$WASMCTL_BIN" server --data-dir "${HA_DIRS[i]}" --listen "${HA_ADDRS[i]}" "${HA_ARGS[@]}" "$@" \
+    >>"$HA_BASE/s$i.out" 2>>"$HA_BASE/s$i.log" &
+  HA_PIDS[i]=$!
+  bg_track $!
+}
+
+# ha_member_stop I [SIGNAL]: stop member I: SIGNAL (default TERM: a clean shutdown; KILL: a
+# crash), up to 60 s, then SIGKILL; reap it.
+ha_member_stop() {
+  local i=$1 pid=${HA_PIDS[$1]:-}
+  [ -n "$pid" ] || return 0
+  kill "-${2:-TERM}" "$pid" 2>/dev/null || true
+  _stop_reap 60 "$pid"
+  HA_PIDS[i]=""
+}
+
+# ha_cluster_stop: stop every running member at once (SIGTERM, 30 s, then SIGKILL).
+ha_cluster_stop() {
+  local i pids=()
+  for i in "${!HA_PIDS[@]}"; do [ -z "${HA_PIDS[i]}" ] || pids+=("${HA_PIDS[i]}"); done
+  [ ${#pids[@]} -eq 0 ] || _stop_reap 30 "${pids[@]}"
+  HA_PIDS=()
+}
+
+# ha_members [I]: `wasmctl cluster members` as member I (default 1) answers it (the leader
+# knows every member's lag; a follower only its own): ID ADDRESS ROLE TERM APPLIED LAG.
+ha_members() {
+  "$WASMCTL_BIN" --kubeconfig "${HA_DIRS[${1:-1}]}/kubeconfig.yaml" cluster members
+}
+
+# ha_member_of ADDRESS: the number i of the member listening on ADDRESS (empty if none).
+ha_member_of() {
+  local i
+  for i in "${!HA_ADDRS[@]}"; do [ "${HA_ADDRS[i]}" != "$1" ] || echo "$i"; done
+}
+
+# ha_leader: the number i of the member that leads, as the first member that answers sees
+# it; fails while there is none (or it is not one of HA_ADDRS).
+ha_leader() {
+  local i addr
+  for i in "${!HA_ADDRS[@]}"; do
+    [ -n "${HA_PIDS[i]:-}" ] || continue
+    addr=$(ha_members "$i" 2>/dev/null | awk 'NR > 1 && $3 == "leader" { print $2 }') || continue
+    [ -n "$addr" ] || continue
+    i=$(ha_member_of "$addr")
+    [ -n "$i" ] && echo "$i" && return 0
+  done
+  return 1
+}
+
+# ha_has_voters N [I]: member I (default 1) lists N voters, one of them the leader.
+ha_has_voters() {
+  ha_members "${2:-1}" 2>/dev/null | awk -v n="$1" '
+    NR > 1 && ($3 == "leader" || $3 == "follower") { v++ }
+    NR > 1 && $3 == "leader" { l++ }
+    END { exit !(v == n && l == 1) }'
+}
+
+# _ha_first_ready: member 1 wrote its join token and answers.
+_ha_first_ready() { [ -s "${HA_DIRS[1]}/token" ] && ha_members 1; }
+
+# ha_cluster_start DIR N: a wasmctl HA control plane of N `wasmctl server` processes: member
+# 1 with --cluster-init, then members 2..N with --join https://HA_ADDRS[1] --token (member 1's
+# DIR/s1/token); waits (60 s each) until member 1 answers and then until N voters are listed.
+ha_cluster_start() {
+  local dir=$1 n=$2 i port ips=()
+  HA_BASE=$dir
+  mkdir -p "$dir"
+  for ((i = 1; i <= n; i++)); do ips+=("127.0.12.$i"); done
+  port=$(free_ports 1 "${ips[@]}")
+  for ((i = 1; i <= n; i++)); do
+    HA_ADDRS[i]="127.0.12.$i:$port"
+    HA_DIRS[i]="$dir/s$i"
+  done
+  ha_member_start 1 --cluster-init
+  wait_for 60 _ha_first_ready || {
+    echo "wasmctl member 1 (${HA_ADDRS[1]}) did not answer within 60 s; its log:" >&2
+    tail -n 30 "$dir/s1.log" >&2
+    exit 1
+  }
+  for ((i = 2; i <= n; i++)); do
+    ha_member_start "$i" --join "https://${HA_ADDRS[1]}" --token "$(cat "${HA_DIRS[1]}/token")"
+  done
+  wait_for 60 ha_has_voters "$n" || {
+    echo "the wasmctl cluster did not list $n voters within 60 s:" >&2
+    ha_members 1 >&2 || true
+    for ((i = 2; i <= n; i++)); do echo "member $i's log:" >&2; tail -n 20 "$dir/s$i.log" >&2; done
+    exit 1
+  }
+  # Every member's own kubeconfig exists once it serves.
+  for ((i = 2; i <= n; i++)); do
+    wait_for 60 ha_members "$i" || { echo "wasmctl member $i does not answer" >&2; exit 1; }
+  done
+}

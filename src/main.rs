@@ -26,8 +26,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane: Raft-backed store and the HTTPS API server.
-    /// Run the control plane (API server and store).
     Server(cli::server::ServerArgs),
+    /// The HA control plane's servers: list them, or remove one.
+    Cluster(cli::cluster::ClusterArgs),
     /// Run a node agent: register this node and run the pods bound to it.
     Agent(cli::agent::AgentArgs),
     /// Run an all-in-one single-node cluster (control plane + agent) in this process.
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
             Command::Delete(a) => cli::delete::run(kubeconfig.as_deref(), a).await,
             Command::Rollout(a) => cli::rollout::run(kubeconfig.as_deref(), a).await,
             Command::Scale(a) => cli::scale::run(kubeconfig.as_deref(), a).await,
+            Command::Cluster(a) => cli::cluster::run(kubeconfig.as_deref(), a).await,
             Command::Version => cli::version(kubeconfig.as_deref()).await,
         }
     });

@@ -4,14 +4,16 @@
 //! (at random, then the next free one) or requested (checked to be in the range and free).
 //! Updates keep what was allocated when they omit it; a cluster IP never changes.
 //!
-//! There is no allocation record: what is allocated is what the stored Services hold. That
-//! is race-free because the API server is one process per cluster (one Raft voter) and every
-//! write of a Service goes through [`Objects`](crate::objects::Objects) holding
-//! [`ServiceAllocator::lock`] from the moment it lists the Services to the moment its write
-//! is committed, and a deleted Service frees its addresses by no longer being there. A
-//! control plane with several API servers needs what Kubernetes has: the allocations in the
-//! store (one bitmap object per range, or one object per IP/port) updated in the same
-//! transaction as the Service.
+//! What is allocated is recorded in the store, one record per address
+//! (`/wasmctl/alloc/clusterip/<ip>`, `/wasmctl/alloc/nodeport/<port>`, naming the Service
+//! that holds it), written in the same store transaction as the Service: a create puts its
+//! records (each only if absent) with the Service, an update puts the new ones and deletes the
+//! released ones with its compare-and-swap of the Service, a delete removes them with the
+//! Service. Two API servers that pick the same address concurrently therefore cannot both
+//! commit: the loser's transaction fails as a whole and it allocates again. The decisions
+//! below see as taken both the records and what the stored Services hold (Services stored
+//! before the records existed; `Objects::bootstrap` also writes their records). The records
+//! are the registry's business (`objects/service.rs`).
 //!
 //! The functions here are pure; [`Objects`](crate::objects::Objects) calls them.
 
@@ -158,24 +160,21 @@ impl Default for ServiceRanges {
     }
 }
 
-/// The allocator of one API server: its ranges and the lock that serialises Service writes.
+/// The allocator of one API server: its ranges. Nothing here serialises Service writes: the
+/// allocation records in the store do (see the module documentation).
 #[derive(Debug, Default)]
 pub struct ServiceAllocator {
     pub ranges: ServiceRanges,
-    /// Held by every Service create or update from its list of the Services to its commit.
-    pub lock: tokio::sync::Mutex<()>,
 }
 
 impl ServiceAllocator {
     pub fn new(ranges: ServiceRanges) -> Self {
-        ServiceAllocator {
-            ranges,
-            lock: tokio::sync::Mutex::new(()),
-        }
+        ServiceAllocator { ranges }
     }
 }
 
-/// The addresses held by Services (other than the one being written).
+/// The addresses held by Services (other than the one being written) or recorded as
+/// allocated.
 #[derive(Debug, Default)]
 pub struct Allocated {
     pub ips: HashSet<Ipv4Addr>,

@@ -40,6 +40,16 @@ pub enum ApiError {
     BadRequest(String),
     #[error("Unauthorized")]
     Unauthorized,
+    /// 401 with a reason (the servers' own paths, not the Kubernetes API).
+    #[error("Unauthorized: {0}")]
+    UnauthorizedMessage(String),
+    /// 409 that is about no object (a join from an address in use, a peer that is not the
+    /// node meant).
+    #[error("{0}")]
+    ConflictMessage(String),
+    /// 404 that is about no object.
+    #[error("{0}")]
+    NotFoundMessage(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("the server does not allow this method on the requested resource")]
@@ -112,11 +122,13 @@ impl ApiError {
 
     pub fn code(&self) -> u16 {
         match self {
-            ApiError::NotFound { .. } | ApiError::UnknownPath => 404,
-            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => 409,
+            ApiError::NotFound { .. } | ApiError::UnknownPath | ApiError::NotFoundMessage(_) => 404,
+            ApiError::AlreadyExists { .. }
+            | ApiError::Conflict { .. }
+            | ApiError::ConflictMessage(_) => 409,
             ApiError::Invalid { .. } => 422,
             ApiError::BadRequest(_) => 400,
-            ApiError::Unauthorized => 401,
+            ApiError::Unauthorized | ApiError::UnauthorizedMessage(_) => 401,
             ApiError::Forbidden(_) => 403,
             ApiError::MethodNotAllowed => 405,
             ApiError::Gone(_) => 410,
@@ -131,12 +143,14 @@ impl ApiError {
 
     pub fn reason(&self) -> &'static str {
         match self {
-            ApiError::NotFound { .. } | ApiError::UnknownPath => "NotFound",
+            ApiError::NotFound { .. } | ApiError::UnknownPath | ApiError::NotFoundMessage(_) => {
+                "NotFound"
+            }
             ApiError::AlreadyExists { .. } => "AlreadyExists",
-            ApiError::Conflict { .. } => "Conflict",
+            ApiError::Conflict { .. } | ApiError::ConflictMessage(_) => "Conflict",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
-            ApiError::Unauthorized => "Unauthorized",
+            ApiError::Unauthorized | ApiError::UnauthorizedMessage(_) => "Unauthorized",
             ApiError::Forbidden(_) => "Forbidden",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::Gone(_) => "Expired",
@@ -229,6 +243,9 @@ impl From<StoreError> for ApiError {
             StoreError::NotLeader(m) | StoreError::Unavailable(m) => {
                 ApiError::Unavailable(format!("the cluster store is unavailable: {m}"))
             }
+            // kube-apiserver answers an etcd write that timed out with 504 Timeout too.
+            StoreError::Timeout(m) => ApiError::Timeout(m),
+            StoreError::Invalid(m) => ApiError::BadRequest(m),
             other => ApiError::Internal(format!("store: {other}")),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod allocator;
 pub mod apiserver;
+pub mod cluster;
 pub mod controllers;
 pub mod error;
 pub mod modules;
@@ -16,4 +17,4 @@ pub mod server;
 pub use allocator::{Ipv4Cidr, PortRange, ServiceRanges};
 pub use error::ApiError;
 pub use objects::Objects;
-pub use server::{Server, ServerConfig};
+pub use server::{ClusterMode, Server, ServerConfig};

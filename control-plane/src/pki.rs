@@ -6,6 +6,7 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
@@ -22,7 +23,8 @@ pub struct Credentials {
     pub kubeconfig_path: PathBuf,
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+/// Writes `contents` to `path` atomically (temp file, fsync, rename), readable by the owner only.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f =
@@ -201,4 +203,50 @@ preferences: {{}}
 ",
         server_url(listen)
     )
+}
+
+/// An HTTPS client that trusts only the cluster CA in `ca_pem` (for server-to-server calls).
+pub fn client_with_ca(ca_pem: &[u8]) -> Result<reqwest::Client> {
+    let ca = reqwest::Certificate::from_pem(ca_pem).context("reading the cluster CA")?;
+    reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .connect_timeout(Duration::from_secs(2))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .build()
+        .context("building the cluster HTTPS client")
+}
+
+/// Installs the cluster CA (certificate verbatim, so its hash stays the token's) and the
+/// admin token a joining server received; [`ensure`] then issues this server's own
+/// certificate from it. Refuses a data dir that already has another CA.
+pub fn install_joined(
+    data_dir: &Path,
+    ca_crt: &str,
+    ca_key: &str,
+    admin_token: &str,
+) -> Result<()> {
+    let pki = data_dir.join("pki");
+    fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
+    let ca_crt_path = pki.join("ca.crt");
+    if let Ok(existing) = fs::read_to_string(&ca_crt_path) {
+        if existing != ca_crt {
+            anyhow::bail!(
+                "{} holds another cluster's CA; refusing to overwrite it (use an empty data dir \
+                 to join)",
+                ca_crt_path.display()
+            );
+        }
+    }
+    KeyPair::from_pem(ca_key).context("the CA key received when joining")?;
+    write_private(&pki.join("ca.key"), ca_key)?;
+    write_private(&ca_crt_path, ca_crt)?;
+    write_private(&pki.join("admin.token"), admin_token)?;
+    // The serving certificate must be re-issued by this CA.
+    for stale in ["server.crt", "server.key", "server.sans"] {
+        let _ = fs::remove_file(pki.join(stale));
+    }
+    Ok(())
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use wasmctl_store::{Store, StoreConfig};
 
 use crate::apiserver::{self, ApiConfig, ApiState, ConnTimeouts};
+use crate::cluster::{self, MemberFile};
 use crate::modules::ModuleRegistry;
 use crate::objects::Objects;
 use crate::pki;
@@ -40,6 +41,29 @@ pub struct ServerConfig {
     /// Where Services get their cluster IPs and node ports (`--service-cluster-ip-range`,
     /// `--service-node-port-range`).
     pub service_ranges: crate::allocator::ServiceRanges,
+    /// How this server takes part in an HA cluster.
+    pub cluster: ClusterMode,
+    /// The address other servers reach this one at (default: the listen address).
+    pub advertise: Option<SocketAddr>,
+    /// Raft heartbeat interval (ms) and election timeout range (ms).
+    pub raft_heartbeat_ms: u64,
+    pub raft_election_ms: (u64, u64),
+    /// The planted stale-read bug of the linearizability test (`StoreConfig::unsafe_local_reads`).
+    pub unsafe_local_reads: bool,
+}
+
+/// `wasmctl server` alone, `--cluster-init`, or `--join URL --token TOKEN`. A server that
+/// has been part of a cluster (its `store/member.json` exists) restarts as that member
+/// whatever it is given.
+#[derive(Clone, Debug, Default)]
+pub enum ClusterMode {
+    /// One voter, no peers, no join token (as before HA existed).
+    #[default]
+    Single,
+    /// The first server of an HA cluster: writes `DIR/token` and accepts joins.
+    Init,
+    /// Join the cluster of the server at `url`.
+    Join { url: String, token: String },
 }
 
 impl ServerConfig {
@@ -58,6 +82,11 @@ impl ServerConfig {
             snapshot_logs: 10_000,
             controllers: Default::default(),
             service_ranges: Default::default(),
+            cluster: ClusterMode::Single,
+            advertise: None,
+            raft_heartbeat_ms: 100,
+            raft_election_ms: (300, 600),
+            unsafe_local_reads: false,
         }
     }
 }
@@ -82,23 +111,83 @@ impl Server {
             .await
             .with_context(|| format!("listening on {}", cfg.listen))?;
         let listen = listener.local_addr()?;
-        let creds = pki::ensure(&cfg.data_dir, listen, &cfg.tls_sans)?;
+        let advertise = cfg.advertise.unwrap_or(listen);
+        let member = membership(&cfg, advertise).await?;
+        let mut sans = cfg.tls_sans.clone();
+        if let Some(m) = &member {
+            if let Ok(addr) = m.advertise.parse::<SocketAddr>() {
+                sans.push(addr.ip().to_string());
+            }
+        }
+        let creds = pki::ensure(&cfg.data_dir, listen, &sans)?;
 
         let mut scfg = StoreConfig::new(cfg.data_dir.join("store"));
         scfg.advertise_addr = listen.to_string();
         scfg.history_size = cfg.watch_history;
         scfg.fsync = cfg.fsync;
         scfg.snapshot_logs = cfg.snapshot_logs;
+        scfg.heartbeat_ms = cfg.raft_heartbeat_ms;
+        scfg.election_timeout_ms = cfg.raft_election_ms;
+        scfg.unsafe_local_reads = cfg.unsafe_local_reads;
+        if cfg.unsafe_local_reads {
+            tracing::error!("--unsafe-local-reads-for-testing: followers serve STALE reads");
+        }
+        let mut peer_auth = None;
+        if let Some(m) = &member {
+            let secrets = cluster::Secrets::ensure(&cfg.data_dir)?;
+            let token_path = cfg.data_dir.join("token");
+            let token = cluster::JoinToken::format(creds.ca_pem.as_bytes(), &secrets.join);
+            if std::fs::read_to_string(&token_path).ok().as_deref() != Some(token.as_str()) {
+                pki::write_private(&token_path, &token)?;
+            }
+            scfg.node_id = m.node_id;
+            scfg.advertise_addr = m.advertise.clone();
+            // Only the first server initializes; a joiner waits to be added.
+            scfg.bootstrap = m.node_id == 1;
+            scfg.transport = Arc::new(cluster::HttpsTransport::new(
+                creds.ca_pem.as_bytes(),
+                &m.cluster_id,
+                &secrets.peer,
+            )?);
+            peer_auth = Some(cluster::PeerAuth {
+                cluster_id: m.cluster_id.clone(),
+                node_id: m.node_id,
+                peer_secret: secrets.peer,
+                join_secret: Some(secrets.join),
+            });
+        }
         let store = Store::open(scfg)
             .await
             .context("opening the cluster store")?;
 
         let objects = Objects::new(store.clone(), shutdown.clone())
             .with_service_ranges(cfg.service_ranges.clone());
-        objects
-            .bootstrap()
-            .await
-            .map_err(|e| anyhow::anyhow!("bootstrapping system namespaces: {e}"))?;
+        // A restarted member may briefly believe it still leads (its vote is restored): only
+        // a sole voter bootstraps before serving.
+        let voters: Vec<u64> = store
+            .members()
+            .iter()
+            .filter(|m| m.role == wasmctl_store::MemberRole::Voter)
+            .map(|m| m.id)
+            .collect();
+        let sole_voter = voters == [store.node_id()];
+        if member.is_none() || sole_voter {
+            objects
+                .bootstrap()
+                .await
+                .map_err(|e| anyhow::anyhow!("bootstrapping system namespaces: {e}"))?;
+        } else {
+            // A member of a cluster without a quorum yet: the namespaces are most likely
+            // there already; make sure once there is a leader.
+            tokio::spawn(bootstrap_when_possible(objects.clone(), shutdown.clone()));
+        }
+        let cluster_state = peer_auth.map(|auth| {
+            Arc::new(cluster::ClusterState {
+                auth,
+                data_dir: cfg.data_dir.clone(),
+                store: store.clone(),
+            })
+        });
 
         let mut api = ApiConfig::new(listen);
         api.bookmark_interval = cfg.bookmark_interval;
@@ -107,10 +196,11 @@ impl Server {
         api.max_lists = cfg.max_lists;
         api.timeouts = cfg.api_timeouts;
         let modules = Arc::new(
-            ModuleRegistry::open(cfg.data_dir.join("modules")).with_context(|| {
-                format!("opening the module registry in {}", cfg.data_dir.display())
-            })?,
+            ModuleRegistry::open(cfg.data_dir.join("modules"), store.clone()).with_context(
+                || format!("opening the module registry in {}", cfg.data_dir.display()),
+            )?,
         );
+        modules.spawn_import(shutdown.clone());
         let agents = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(5))
@@ -126,12 +216,23 @@ impl Server {
             config: api,
             shutdown: shutdown.clone(),
             server_address: pki::server_url(listen),
+            ca_pem: creds.ca_pem.clone(),
+            cluster: cluster_state,
         });
         let url = format!("https://{}", pki::server_url(listen));
         let serve = tokio::spawn(apiserver::serve(listener, creds.tls.clone(), state));
         let scheduler = tokio::spawn(crate::scheduling::run(objects.clone(), shutdown.clone()));
-        let controllers =
+        let mut controllers =
             crate::controllers::start(objects.clone(), cfg.controllers.clone(), shutdown.clone());
+        // The `kubernetes` Service and Endpoints, with this server's `scfg.advertise_addr`.
+        let advertise_addr = member
+            .as_ref()
+            .map_or(listen.to_string(), |m| m.advertise.clone());
+        controllers.spawn(crate::controllers::apiserver_endpoints::run(
+            objects.clone(),
+            advertise_addr,
+            shutdown.clone(),
+        ));
         Ok(Server {
             scheduler,
             controllers,
@@ -157,5 +258,95 @@ impl Server {
             .await
             .map_err(|e| anyhow::anyhow!("closing the store: {e}"))?;
         served
+    }
+}
+
+/// Retries the system namespaces' bootstrap until it succeeds (a cluster member may start
+/// before its cluster has a quorum).
+async fn bootstrap_when_possible(objects: Objects, shutdown: CancellationToken) {
+    loop {
+        match objects.bootstrap().await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::info!(error = %e, "system namespaces not bootstrapped yet; retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// This server's membership: the one recorded in its data dir, a new cluster
+/// (`--cluster-init`), or one obtained by joining (`--join`). `None`: a single server.
+async fn membership(cfg: &ServerConfig, advertise: SocketAddr) -> Result<Option<MemberFile>> {
+    let dir = &cfg.data_dir;
+    let existing = MemberFile::load(dir)?;
+    let store_dir = dir.join("store").join("db");
+    if let Some(m) = existing {
+        if let ClusterMode::Join { token, .. } = &cfg.cluster {
+            // A restart ignores --join, but not a token of another cluster.
+            let t = cluster::JoinToken::parse(token)?;
+            let ca = std::fs::read(dir.join("pki").join("ca.crt"))
+                .with_context(|| format!("reading {}/pki/ca.crt", dir.display()))?;
+            if cluster::ca_hash(&ca) != t.ca_hash {
+                anyhow::bail!(
+                    "{} belongs to cluster {} (CA sha256 {}), but the token is for a cluster \
+                     whose CA has sha256 {}: refusing to start (use an empty --data-dir to join \
+                     that cluster)",
+                    dir.display(),
+                    m.cluster_id,
+                    cluster::ca_hash(&ca),
+                    t.ca_hash
+                );
+            }
+        }
+        return Ok(Some(m));
+    }
+    if (advertise.ip().is_unspecified() || advertise.port() == 0)
+        && !matches!(cfg.cluster, ClusterMode::Single)
+    {
+        anyhow::bail!(
+            "--advertise-address IP:PORT is required when --listen is {advertise} (the other \
+             servers must know where to reach this one)"
+        );
+    }
+    match &cfg.cluster {
+        ClusterMode::Single => Ok(None),
+        ClusterMode::Init => {
+            let m = MemberFile {
+                cluster_id: cluster::random_hex(8),
+                node_id: 1,
+                advertise: advertise.to_string(),
+            };
+            if store_dir.exists() {
+                tracing::info!("--cluster-init on an existing single server: it becomes node 1");
+            }
+            m.save(dir)?;
+            tracing::info!(cluster_id = %m.cluster_id, "initialized a new HA cluster");
+            Ok(Some(m))
+        }
+        ClusterMode::Join { url, token } => {
+            if store_dir.exists() {
+                anyhow::bail!(
+                    "{} already holds a cluster store of its own: a joining server needs an \
+                     empty --data-dir",
+                    dir.display()
+                );
+            }
+            let t = cluster::JoinToken::parse(token)?;
+            let joined = cluster::request_join(url, &t, &advertise.to_string()).await?;
+            pki::install_joined(dir, &joined.ca_crt, &joined.ca_key, &joined.admin_token)?;
+            cluster::Secrets::install(dir, &joined.join_secret, &joined.peer_secret)?;
+            let m = MemberFile {
+                cluster_id: joined.cluster_id,
+                node_id: joined.node_id,
+                advertise: advertise.to_string(),
+            };
+            m.save(dir)?;
+            tracing::info!(node_id = m.node_id, cluster_id = %m.cluster_id, "joined the cluster as a learner");
+            Ok(Some(m))
+        }
     }
 }

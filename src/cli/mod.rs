@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod apply;
+pub mod cluster;
 pub mod delete;
 pub mod describe;
 pub mod get;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use wasmctl_control_plane::{Ipv4Cidr, PortRange, Server, ServerConfig, ServiceRanges};
+use wasmctl_control_plane::{
+    ClusterMode, Ipv4Cidr, PortRange, Server, ServerConfig, ServiceRanges,
+};
 
 #[derive(Args)]
 pub struct ServerArgs {
@@ -64,6 +66,51 @@ pub struct ServerArgs {
     /// The range NodePort Services' ports are allocated from (and requested ports must be in).
     #[arg(long, default_value = "30000-32767")]
     pub service_node_port_range: PortRange,
+    /// (Boxed for the same reason as the timeouts.)
+    #[command(flatten)]
+    pub ha: Box<HaArgs>,
+}
+
+/// Running several servers as one HA control plane.
+#[derive(Args)]
+pub struct HaArgs {
+    /// Start the first server of an HA cluster: it writes the join token to DATA_DIR/token
+    /// and accepts `--join` from other servers. Ignored once the data dir is a member.
+    #[arg(long, conflicts_with = "join")]
+    pub cluster_init: bool,
+    /// Join the HA cluster of the server at this URL (https://HOST:PORT) as a new member;
+    /// needs --token. Ignored once the data dir is a member.
+    #[arg(long, value_name = "URL", requires = "token")]
+    pub join: Option<String>,
+    /// The join token (the first server's DATA_DIR/token: K10<CA sha256>::<secret>).
+    #[arg(long, env = "WASMCTL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The address the other servers reach this one at (default: --listen; required when
+    /// --listen is 0.0.0.0).
+    #[arg(long, value_parser = crate::parse_addr)]
+    pub advertise_address: Option<SocketAddr>,
+    /// The Raft leader's heartbeat interval; it also bounds each replication RPC.
+    #[arg(long, default_value = "100ms", value_parser = super::parse_duration)]
+    pub raft_heartbeat: Duration,
+    /// The range a server's Raft election timeout is drawn from (MIN-MAX, e.g. 300ms-600ms;
+    /// for a LAN 1s-3s). A failover takes about MAX plus a draw from the range.
+    #[arg(long, default_value = "300ms-600ms", value_parser = parse_range)]
+    pub raft_election_timeout: (Duration, Duration),
+    /// A planted bug for the linearizability test: followers answer reads from local state
+    /// without the leader's read index, so reads can be stale. Never use it otherwise.
+    #[arg(long, hide = true)]
+    pub unsafe_local_reads_for_testing: bool,
+}
+
+fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected MIN-MAX, e.g. 300ms-600ms"))?;
+    let (a, b) = (super::parse_duration(a)?, super::parse_duration(b)?);
+    if a.is_zero() || b <= a {
+        return Err(format!("{s:?}: MIN must be above 0 and below MAX"));
+    }
+    Ok((a, b))
 }
 
 /// Hidden tunables of the API connections' deadlines, for tests (the defaults, and why, are
@@ -111,6 +158,22 @@ impl ServerArgs {
         cfg.controllers.node_monitor_grace_period = self.node_monitor_grace_period;
         cfg.controllers.terminated_pod_gc_threshold = self.terminated_pod_gc_threshold;
         cfg.controllers.pod_gc_quarantine = self.pod_gc_quarantine;
+        let ha = &self.ha;
+        cfg.cluster = match (&ha.join, &ha.token) {
+            (Some(url), Some(token)) => ClusterMode::Join {
+                url: url.clone(),
+                token: token.clone(),
+            },
+            _ if ha.cluster_init => ClusterMode::Init,
+            _ => ClusterMode::Single,
+        };
+        cfg.advertise = ha.advertise_address;
+        cfg.unsafe_local_reads = ha.unsafe_local_reads_for_testing;
+        cfg.raft_heartbeat_ms = ha.raft_heartbeat.as_millis().max(1) as u64;
+        cfg.raft_election_ms = (
+            ha.raft_election_timeout.0.as_millis().max(1) as u64,
+            ha.raft_election_timeout.1.as_millis().max(2) as u64,
+        );
         cfg.service_ranges = ServiceRanges {
             cluster_ip: self.service_cluster_ip_range,
             node_ports: self.service_node_port_range,

@@ -46,6 +46,11 @@ pub(crate) fn open(path: &Path) -> Result<DB, rocksdb::Error> {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
+    // Every acknowledged write was fsynced, so only a torn last record (a write cut off by a
+    // crash, never acknowledged) may be dropped; damage anywhere else is an error at open,
+    // not a silent replay up to the damage (RocksDB's default, point-in-time recovery).
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+    opts.set_paranoid_checks(true);
     let cfs = ALL_CFS
         .iter()
         .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));

@@ -6,7 +6,7 @@ use openraft::error::{
 use openraft::{BasicNode, StorageError as RaftStorageError};
 
 /// Errors returned by [`Store`](crate::Store) and [`WatchStream`](crate::WatchStream).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The history needed to serve a watch from `requested`, or a read as of it, is gone.
     #[error(
@@ -26,6 +26,15 @@ pub enum StoreError {
     /// This node is not the Raft leader; the message names the leader if it is known.
     #[error("this node is not the store leader: {0}")]
     NotLeader(String),
+
+    /// A write was sent but not acknowledged by a majority in time: it may or may not take
+    /// effect (the client must read to find out).
+    #[error("store write outcome unknown: {0}")]
+    Timeout(String),
+
+    /// A request the leader refused before doing anything (a bad membership change).
+    #[error("{0}")]
+    Invalid(String),
 
     /// The store cannot serve requests now (shut down, no quorum, timed out starting).
     #[error("store unavailable: {0}")]

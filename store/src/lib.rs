@@ -4,20 +4,26 @@
 //! - Every write goes through Raft ([`Store::write`]); reads are linearizable ([`Store::get`],
 //!   [`Store::range`]), each from one RocksDB snapshot; [`Store::range_at`] reads as of a past
 //!   revision that the history still covers, so that chunks and pages make one snapshot.
-//! - One cluster-wide revision counter: each successful [`Op`] bumps it by one, and every value
+//! - One cluster-wide revision counter: each applied put or delete, also inside an `Op::Txn`, bumps it by one, and every value
 //!   records the revisions that created and last modified it, for compare-and-swap.
 //! - The last `history_size` events are kept, so that a [`WatchStream`] can resume from a
 //!   revision and then follow the live events without gap or duplicate.
 //!
-//! The store runs as a single Raft voter for now: there is no Raft transport yet, and RPCs to
-//! other nodes fail with [`MULTI_VOTER_UNSUPPORTED`]. Nothing else assumes one voter.
+//! - Several servers form one store: the embedder carries the RPCs ([`RaftTransport`]) and
+//!   hands what it receives to [`Store::handle_rpc`]. Any member answers: a write on a follower
+//!   is forwarded to the leader, a read on a follower waits for the leader's read index
+//!   (`cluster.rs`). A store opened with `bootstrap` initializes a pristine directory as a
+//!   one-voter cluster; a joining one never initializes and waits to be added.
 
+mod batch;
+mod cluster;
 mod db;
 mod error;
 mod log_store;
 mod network;
 mod read;
 mod state_machine;
+mod transport;
 mod types;
 mod watch;
 
@@ -34,8 +40,9 @@ use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, Mutex};
 
+pub use crate::cluster::{Member, MemberRole};
 pub use crate::error::StoreError;
-pub use crate::network::MULTI_VOTER_UNSUPPORTED;
+pub use crate::transport::{BoxFuture, NoTransport, RaftTransport, Refused, Rpc, TransportError};
 pub use crate::types::{EventKind, KeyValue, Op, OpResult, Precondition, RangeResult, WatchEvent};
 pub use crate::watch::WatchStream;
 
@@ -43,8 +50,12 @@ use crate::db::{DbUser, CF_OBJECTS};
 use crate::log_store::LogStore;
 use crate::network::Network;
 use crate::state_machine::{SmConfig, SmShared, StateMachineStore};
-use crate::types::{StoredValue, TypeConfig, WriteRequest};
+use crate::types::{StoredValue, TypeConfig};
 
+/// How long a write may wait for a majority before its outcome is reported unknown.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a linearizable read may wait for the leader's confirmation.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`Store::open`] waits for this node to lead and catch up.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`Store::shutdown`] waits for openraft's storage tasks to stop.
@@ -53,9 +64,11 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_WATCH_CHANNEL_CAPACITY: usize = 1 << 20;
 /// Raft logs kept after a snapshot (at most `snapshot_logs`), for followers that lag a little.
 const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1000;
+/// The deadline of one snapshot chunk sent to a follower.
+const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
 
 /// Configuration of a [`Store`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StoreConfig {
     /// The directory holding the RocksDB database (`db/`) and the snapshot (`snapshot/`).
     pub data_dir: PathBuf,
@@ -71,6 +84,35 @@ pub struct StoreConfig {
     pub snapshot_logs: u64,
     /// Fsync Raft log writes (default true). Only turn off for tests and benchmarks.
     pub fsync: bool,
+    /// Initialize a pristine directory as a one-voter cluster of this node (default true).
+    /// A server joining an existing cluster sets false: it waits to be added by the leader.
+    pub bootstrap: bool,
+    /// How RPCs reach the other members (default: [`NoTransport`], a store without peers).
+    pub transport: Arc<dyn RaftTransport>,
+    /// The leader's heartbeat interval, ms; it also bounds each AppendEntries RPC (default 100).
+    pub heartbeat_ms: u64,
+    /// The range a follower's election timeout is drawn from, ms (default 300–600). openraft
+    /// 0.9 draws it once per node, so the range should stay wide.
+    pub election_timeout_ms: (u64, u64),
+    /// A planted bug, for the linearizability test only: a follower serves reads from its
+    /// local state without the leader's read index (stale reads). Never set it otherwise.
+    pub unsafe_local_reads: bool,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("data_dir", &self.data_dir)
+            .field("node_id", &self.node_id)
+            .field("advertise_addr", &self.advertise_addr)
+            .field("history_size", &self.history_size)
+            .field("snapshot_logs", &self.snapshot_logs)
+            .field("fsync", &self.fsync)
+            .field("bootstrap", &self.bootstrap)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("election_timeout_ms", &self.election_timeout_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StoreConfig {
@@ -84,6 +126,11 @@ impl StoreConfig {
             watch_channel_capacity: 8192,
             snapshot_logs: 10_000,
             fsync: true,
+            bootstrap: true,
+            transport: Arc::new(NoTransport),
+            heartbeat_ms: 100,
+            election_timeout_ms: (300, 600),
+            unsafe_local_reads: false,
         }
     }
 
@@ -105,9 +152,12 @@ impl StoreConfig {
     fn raft_config(&self) -> Result<Config, StoreError> {
         Config {
             cluster_name: "wasmctl".to_owned(),
-            heartbeat_interval: 100,
-            election_timeout_min: 300,
-            election_timeout_max: 600,
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_ms.0,
+            election_timeout_max: self.election_timeout_ms.1,
+            // Each snapshot chunk (3 MiB by default) must arrive within this; a follower far
+            // behind gets the whole state this way.
+            install_snapshot_timeout: SNAPSHOT_CHUNK_TIMEOUT_MS,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
             max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT.min(self.snapshot_logs),
             ..Config::default()
@@ -118,7 +168,7 @@ impl StoreConfig {
 }
 
 /// Raft state of this node, for status pages and tests.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreStatus {
     pub node_id: u64,
     pub is_leader: bool,
@@ -143,6 +193,13 @@ pub struct Store {
 struct Inner {
     node_id: u64,
     raft: Raft<TypeConfig>,
+    transport: Arc<dyn RaftTransport>,
+    /// Set once this node saw itself removed from the membership (its Raft is stopped).
+    removed: std::sync::atomic::AtomicBool,
+    /// Group commit: the queue of writes waiting to share a Raft entry.
+    batcher: batch::Batcher,
+    /// [`StoreConfig::unsafe_local_reads`].
+    unsafe_local_reads: bool,
     sm: Arc<SmShared>,
     /// Yields `None` once openraft has dropped every component that uses the database.
     db_users: Mutex<Option<mpsc::Receiver<()>>>,
@@ -185,13 +242,21 @@ impl Store {
         )
         .map_err(|e| StoreError::storage("loading the state machine", e))?;
 
-        let raft = Raft::new(cfg.node_id, raft_config, Network, log_store, sm)
+        let network = Network {
+            transport: cfg.transport.clone(),
+            self_id: cfg.node_id,
+        };
+        let raft = Raft::new(cfg.node_id, raft_config, network, log_store, sm)
             .await
             .map_err(|e| StoreError::Unavailable(format!("starting raft: {e}")))?;
         let store = Store {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak| Inner {
+                batcher: batch::start(weak.clone()),
+                unsafe_local_reads: cfg.unsafe_local_reads,
                 node_id: cfg.node_id,
                 raft,
+                transport: cfg.transport.clone(),
+                removed: Default::default(),
                 sm: shared,
                 db_users: Mutex::new(Some(db_users)),
             }),
@@ -202,6 +267,7 @@ impl Store {
             }
             return Err(e);
         }
+        cluster::spawn_promoter(&store);
         tracing::info!(
             node_id = cfg.node_id,
             data_dir = %cfg.data_dir.display(),
@@ -211,13 +277,30 @@ impl Store {
         Ok(store)
     }
 
-    /// Initializes a pristine node, then waits to lead and to have applied everything.
+    /// Initializes a pristine node (with `bootstrap`); then, if this node is the only voter,
+    /// waits to lead and to have applied everything. A member of a larger cluster returns at
+    /// once: it serves Raft from now on, and leads or follows once a quorum is up.
     async fn start(&self, cfg: &StoreConfig) -> Result<(), StoreError> {
         let raft = &self.inner.raft;
         let initialized = raft
             .is_initialized()
             .await
             .map_err(|e| StoreError::Unavailable(format!("raft stopped: {e}")))?;
+        if !initialized && !cfg.bootstrap {
+            tracing::info!(
+                node_id = cfg.node_id,
+                "pristine store; waiting to be added to the cluster"
+            );
+            return Ok(());
+        }
+        let sole_voter = {
+            let m = raft.metrics().borrow().membership_config.clone();
+            let voters: Vec<u64> = m.membership().voter_ids().collect();
+            voters.is_empty() || voters == [cfg.node_id]
+        };
+        if initialized && !sole_voter {
+            return Ok(());
+        }
         if !initialized {
             let members = BTreeMap::from([(cfg.node_id, BasicNode::new(&cfg.advertise_addr))]);
             match raft.initialize(members).await {
@@ -247,15 +330,20 @@ impl Store {
         }
     }
 
-    /// Applies `ops` in order, in ONE Raft entry. Each op is applied independently (this is not
-    /// a transaction): the results come in the same order as the ops.
+    /// Applies `ops` in order, in ONE Raft entry (shared with concurrent writers: group
+    /// commit, `batch.rs`). Each op is applied independently (use `Op::Txn` for all or
+    /// nothing): the results come in the same order as the ops.
+    ///
+    /// On a follower the write is forwarded to the leader, and this returns once this node has
+    /// applied it too (so a read here sees it). Fails with `Timeout` (the outcome is unknown:
+    /// the write may still commit) when no majority acknowledged it within
+    /// [`WRITE_TIMEOUT`], and with `Unavailable` when it was certainly not written.
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
         let n = ops.len();
-        let response = self.inner.raft.client_write(WriteRequest { ops }).await?;
-        let results = response.data.results;
+        let results = batch::submit(&self.inner.batcher, ops).await?;
         if results.len() != n {
             return Err(StoreError::Storage(format!(
                 "the state machine returned {} results for {n} ops",
@@ -266,10 +354,11 @@ impl Store {
     }
 
     /// A linearizable read barrier: once it returns, local reads see every write that
-    /// completed before it was called.
+    /// completed before it was called. On a follower it asks the leader for its read index and
+    /// waits to have applied that far; without a leader that answers within [`READ_TIMEOUT`]
+    /// it fails with `Unavailable` (never a stale read).
     pub async fn barrier(&self) -> Result<(), StoreError> {
-        self.inner.raft.ensure_linearizable().await?;
-        Ok(())
+        cluster::barrier(self).await
     }
 
     /// The value of `key` (linearizable).
@@ -404,6 +493,12 @@ impl Store {
         .map_err(|e| StoreError::storage("flushing RocksDB", e))?;
         tracing::info!(node_id = self.inner.node_id, "store shut down");
         Ok(())
+    }
+
+    /// Whether this node saw itself removed from the cluster (its Raft is then stopped, and
+    /// every request fails with `Unavailable`).
+    pub fn removed(&self) -> bool {
+        self.inner.removed.load(Ordering::Acquire)
     }
 
     /// Whether this node is the Raft leader (no I/O).

@@ -209,24 +209,104 @@ impl ApplyBatch<'_> {
         }
     }
 
+    /// Applies one op of a request: a `Put` or `Delete` if its precondition holds, a `Txn` if
+    /// all of it can be.
     fn apply_op(&mut self, op: Op) -> io::Result<OpResult> {
-        let current = self.current(op.key())?;
-        let (precondition, key) = match &op {
+        match op {
             Op::Put {
-                key, precondition, ..
+                key,
+                value,
+                precondition,
+            } => self.apply_write(key, Some(value), precondition),
+            Op::Delete { key, precondition } => self.apply_write(key, None, precondition),
+            Op::Txn { compares, ops } => self.apply_txn(compares, ops),
+        }
+    }
+
+    /// An [`Op::Txn`]: every condition is checked first (the compares against the current
+    /// state, then each op's precondition against the state the Txn's earlier ops would leave),
+    /// and only if all hold are the ops applied, so that a failed Txn writes nothing. Each op
+    /// is then applied as a lone one is: its own revision, history record and event.
+    fn apply_txn(
+        &mut self,
+        compares: Vec<(String, Precondition)>,
+        ops: Vec<Op>,
+    ) -> io::Result<OpResult> {
+        let mut writes = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Put {
+                    key,
+                    value,
+                    precondition,
+                } => writes.push((key, Some(value), precondition)),
+                Op::Delete { key, precondition } => writes.push((key, None, precondition)),
+                Op::Txn { .. } => {
+                    return Ok(OpResult::Invalid {
+                        reason: "a Txn may not contain a Txn".to_owned(),
+                    })
+                }
             }
-            | Op::Delete { key, precondition } => (*precondition, key.clone()),
+        }
+        let failed = |failed: usize, key: &str, reason: OpResult| OpResult::TxnFailed {
+            failed,
+            key: key.to_owned(),
+            reason: Box::new(reason),
         };
-        if let Some(rejected) = check(
-            precondition,
-            current.as_ref(),
-            matches!(op, Op::Delete { .. }),
-        ) {
+        for (i, (key, precondition)) in compares.iter().enumerate() {
+            if let Some(reason) = check(*precondition, self.current(key)?.as_ref(), false) {
+                return Ok(failed(i, key, reason));
+            }
+        }
+        // A dry run: what each key written by the Txn would hold (preconditions look only at
+        // existence and `mod_revision`).
+        let mut planned: HashMap<&str, Option<StoredValue>> = HashMap::new();
+        for (i, (key, value, precondition)) in writes.iter().enumerate() {
+            let revision = self.revision + 1 + i as u64;
+            let current = match planned.get(key.as_str()) {
+                Some(v) => v.clone(),
+                None => self.current(key)?,
+            };
+            if let Some(reason) = check(*precondition, current.as_ref(), value.is_none()) {
+                return Ok(failed(compares.len() + i, key, reason));
+            }
+            let next = value.as_ref().map(|_| StoredValue {
+                value: Bytes::new(),
+                create_revision: current.as_ref().map_or(revision, |c| c.create_revision),
+                mod_revision: revision,
+            });
+            planned.insert(key, next);
+        }
+        let mut results = Vec::with_capacity(writes.len());
+        for (key, value, precondition) in writes {
+            match self.apply_write(key, value, precondition)? {
+                ok @ OpResult::Ok { .. } => results.push(ok),
+                // Impossible (the dry run checked the same conditions in the same order); an
+                // error stops the state machine rather than leave half a Txn applied.
+                other => {
+                    return Err(io::Error::other(format!(
+                        "a Txn op failed after its dry run succeeded: {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok(OpResult::Txn { results })
+    }
+
+    /// A put (`value`) or delete (`None`) of `key`, if `precondition` holds.
+    fn apply_write(
+        &mut self,
+        key: String,
+        value: Option<Vec<u8>>,
+        precondition: Precondition,
+    ) -> io::Result<OpResult> {
+        let current = self.current(&key)?;
+        if let Some(rejected) = check(precondition, current.as_ref(), value.is_none()) {
             return Ok(rejected);
         }
         let revision = self.revision + 1;
-        let (kind, value) = match op {
-            Op::Put { value, .. } => {
+        let (kind, value) = match value {
+            Some(value) => {
                 let stored = StoredValue {
                     value: Bytes::from(value),
                     create_revision: current.as_ref().map_or(revision, |c| c.create_revision),
@@ -239,7 +319,7 @@ impl ApplyBatch<'_> {
                 );
                 (EventKind::Put, Some(stored))
             }
-            Op::Delete { .. } => {
+            None => {
                 self.batch
                     .delete_cf(db::cf(self.db, CF_OBJECTS), key.as_bytes());
                 (EventKind::Delete, None)

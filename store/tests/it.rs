@@ -711,3 +711,329 @@ async fn get_with_revision_reads_value_and_revision_together() {
     }
     store.shutdown().await.unwrap();
 }
+
+fn txn(compares: &[(&str, Precondition)], ops: Vec<Op>) -> Op {
+    Op::Txn {
+        compares: compares.iter().map(|(k, p)| (k.to_string(), *p)).collect(),
+        ops,
+    }
+}
+
+async fn value_of(store: &Store, key: &str) -> Option<String> {
+    let kv = store.get(key).await.unwrap()?;
+    Some(String::from_utf8(kv.value.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn a_txn_applies_all_its_ops_each_at_its_own_revision() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    ok_revision(&write1(&store, put("k", "v1", Precondition::None)).await);
+
+    // A lone op before and after the Txn in the same write; the Txn writes `b` twice.
+    let results = store
+        .write(vec![
+            put("before", "x", Precondition::None),
+            txn(
+                &[
+                    ("k", Precondition::ModRevision(1)),
+                    ("none", Precondition::MustNotExist),
+                ],
+                vec![
+                    put("a", "new", Precondition::MustNotExist),
+                    put("k", "v2", Precondition::ModRevision(1)),
+                    put("b", "short-lived", Precondition::MustNotExist),
+                    delete("b", Precondition::ModRevision(5)),
+                ],
+            ),
+            put("after", "y", Precondition::None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(ok_revision(&results[0]), 2);
+    let OpResult::Txn { results: inner } = &results[1] else {
+        panic!("expected Txn, got {:?}", results[1]);
+    };
+    let revisions: Vec<u64> = inner.iter().map(ok_revision).collect();
+    assert_eq!(revisions, [3, 4, 5, 6]);
+    match &inner[1] {
+        OpResult::Ok {
+            prev: Some(prev), ..
+        } => assert_eq!(prev.value.as_ref(), b"v1"),
+        other => panic!("expected the replaced value, got {other:?}"),
+    }
+    assert_eq!(ok_revision(&results[2]), 7);
+    assert_eq!(store.revision(), 7);
+    assert_eq!(value_of(&store, "a").await.as_deref(), Some("new"));
+    assert_eq!(value_of(&store, "k").await.as_deref(), Some("v2"));
+    assert_eq!(value_of(&store, "b").await, None);
+    let k = store.get("k").await.unwrap().unwrap();
+    assert_eq!((k.create_revision, k.mod_revision), (1, 4));
+
+    // The history holds one record per op: a read at a revision inside the Txn sees the
+    // state after that op.
+    let keys = |r: &wasmctl_store::RangeResult| -> Vec<String> {
+        r.items.iter().map(|kv| kv.key.clone()).collect()
+    };
+    let at5 = store.range_at("", None, 0, 5).await.unwrap();
+    assert_eq!(keys(&at5), ["a", "b", "before", "k"]);
+    let at2 = store.range_at("", None, 0, 2).await.unwrap();
+    assert_eq!(keys(&at2), ["before", "k"]);
+    assert_eq!(at2.items[1].value.as_ref(), b"v1");
+
+    // No ops: nothing is written, and the compares are still checked.
+    let r = write1(&store, txn(&[("a", Precondition::MustExist)], vec![])).await;
+    assert_eq!(r, OpResult::Txn { results: vec![] });
+    assert_eq!(store.revision(), 7);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_txn_whose_compare_fails_applies_nothing() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    ok_revision(&write1(&store, put("taken", "owner", Precondition::None)).await);
+    ok_revision(&write1(&store, put("k", "v1", Precondition::None)).await);
+
+    let r = write1(
+        &store,
+        txn(
+            &[
+                ("k", Precondition::ModRevision(2)),
+                ("taken", Precondition::MustNotExist),
+            ],
+            vec![
+                put("k", "v2", Precondition::None),
+                put("new", "v", Precondition::None),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        r,
+        OpResult::TxnFailed {
+            failed: 1,
+            key: "taken".into(),
+            reason: Box::new(OpResult::AlreadyExists),
+        }
+    );
+    let r = write1(
+        &store,
+        txn(
+            &[("k", Precondition::ModRevision(1))],
+            vec![put("k", "v2", Precondition::None)],
+        ),
+    )
+    .await;
+    assert_eq!(
+        r,
+        OpResult::TxnFailed {
+            failed: 0,
+            key: "k".into(),
+            reason: Box::new(OpResult::Conflict {
+                current_mod_revision: 2
+            }),
+        }
+    );
+    assert_eq!(store.revision(), 2);
+    assert_eq!(value_of(&store, "k").await.as_deref(), Some("v1"));
+    assert_eq!(value_of(&store, "new").await, None);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_txn_whose_op_fails_its_precondition_applies_nothing() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    ok_revision(&write1(&store, put("taken", "owner", Precondition::None)).await);
+
+    // The second op fails against the store; the first would have succeeded.
+    let r = write1(
+        &store,
+        txn(
+            &[("free", Precondition::MustNotExist)],
+            vec![
+                put("free", "mine", Precondition::MustNotExist),
+                put("taken", "mine", Precondition::MustNotExist),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        r,
+        OpResult::TxnFailed {
+            failed: 2,
+            key: "taken".into(),
+            reason: Box::new(OpResult::AlreadyExists),
+        }
+    );
+    // An op fails against what an earlier op of the same Txn wrote.
+    let r = write1(
+        &store,
+        txn(
+            &[],
+            vec![
+                put("x", "1", Precondition::MustNotExist),
+                put("x", "2", Precondition::MustNotExist),
+            ],
+        ),
+    )
+    .await;
+    assert!(
+        matches!(&r, OpResult::TxnFailed { failed: 1, key, .. } if key == "x"),
+        "{r:?}"
+    );
+    // A delete of a key that does not exist.
+    let r = write1(
+        &store,
+        txn(
+            &[],
+            vec![
+                put("y", "1", Precondition::None),
+                delete("gone", Precondition::None),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        r,
+        OpResult::TxnFailed {
+            failed: 1,
+            key: "gone".into(),
+            reason: Box::new(OpResult::NotFound),
+        }
+    );
+    // A Txn inside a Txn is refused, and the ops around it still apply.
+    let results = store
+        .write(vec![
+            txn(&[], vec![txn(&[], vec![put("z", "1", Precondition::None)])]),
+            put("w", "1", Precondition::None),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&results[0], OpResult::Invalid { .. }),
+        "{results:?}"
+    );
+    assert_eq!(ok_revision(&results[1]), 2);
+    for key in ["free", "x", "y", "z"] {
+        assert_eq!(value_of(&store, key).await, None, "{key}");
+    }
+    assert_eq!(store.revision(), 2);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn watchers_get_one_event_per_op_of_an_applied_txn() {
+    let dir = TempDir::new().unwrap();
+    let store = open(config(dir.path())).await;
+    ok_revision(&write1(&store, put("p/old", "v1", Precondition::None)).await);
+    let mut live = store.watch("p/", 1).unwrap();
+    // A failed Txn produces no event.
+    let r = write1(
+        &store,
+        txn(
+            &[("p/old", Precondition::MustNotExist)],
+            vec![put("p/x", "v", Precondition::None)],
+        ),
+    )
+    .await;
+    assert!(matches!(r, OpResult::TxnFailed { .. }), "{r:?}");
+    let r = write1(
+        &store,
+        txn(
+            &[("p/old", Precondition::ModRevision(1))],
+            vec![
+                put("p/new", "v", Precondition::MustNotExist),
+                put("q/other", "v", Precondition::None),
+                delete("p/old", Precondition::ModRevision(1)),
+            ],
+        ),
+    )
+    .await;
+    assert!(matches!(r, OpResult::Txn { .. }), "{r:?}");
+    let expect = |events: Vec<WatchEvent>| {
+        let got: Vec<_> = events
+            .iter()
+            .map(|e| (e.revision, e.kind, e.key.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, EventKind::Put, "p/new"),
+                (4, EventKind::Delete, "p/old")
+            ]
+        );
+        assert_eq!(events[1].prev.as_ref().unwrap().value.as_ref(), b"v1");
+        assert!(events[1].value.is_none());
+        assert_eq!(events[0].value.as_ref().unwrap().create_revision, 2);
+    };
+    let mut events = Vec::new();
+    for _ in 0..2 {
+        events.push(next_event(&mut live).await.unwrap());
+    }
+    expect(events);
+    // The same from the history.
+    let mut replay = store.watch("p/", 1).unwrap();
+    let mut events = Vec::new();
+    for _ in 0..2 {
+        events.push(next_event(&mut replay).await.unwrap());
+    }
+    expect(events);
+    let mut all = store.watch("", 1).unwrap();
+    let mut revisions = Vec::new();
+    for _ in 0..3 {
+        revisions.push(next_event(&mut all).await.unwrap().revision);
+    }
+    assert_eq!(revisions, [2, 3, 4]);
+    store.shutdown().await.unwrap();
+}
+
+/// Group commit: 64 concurrent writers share Raft entries, and each gets the result it would
+/// have got alone: of 64 creates of one key exactly one succeeds, and 64 creates of distinct
+/// keys all succeed with distinct revisions.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writes_share_entries_and_keep_their_own_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(config(dir.path())).await;
+    let before = store.status().last_log_index.unwrap_or(0);
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let same = s
+                .write(vec![put(
+                    "same",
+                    &format!("v{i}"),
+                    Precondition::MustNotExist,
+                )])
+                .await
+                .unwrap();
+            let own = s
+                .write(vec![put(
+                    &format!("own/{i}"),
+                    "x",
+                    Precondition::MustNotExist,
+                )])
+                .await
+                .unwrap();
+            (same, own)
+        }));
+    }
+    let mut created = 0;
+    let mut revisions = std::collections::BTreeSet::new();
+    for t in tasks {
+        let (same, own) = t.await.unwrap();
+        match &same[0] {
+            OpResult::Ok { .. } => created += 1,
+            OpResult::AlreadyExists => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(revisions.insert(ok_revision(&own[0])));
+    }
+    assert_eq!(created, 1, "exactly one create of the same key wins");
+    assert_eq!(revisions.len(), 64);
+    let entries = store.status().last_log_index.unwrap_or(0) - before;
+    eprintln!("128 writes of 64 concurrent writers took {entries} raft entries");
+    store.shutdown().await.unwrap();
+}

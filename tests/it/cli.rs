@@ -1,8 +1,10 @@
 //! The real `wasmctl` binary as a client: apply/get/describe/delete, and its errors.
 
+use std::time::Duration;
+
 use reqwest::Method;
 
-use crate::support::{stderr, stdout, ServerProc};
+use crate::support::{stderr, stdout, wait_for, ServerProc};
 
 const APP: &str = "apiVersion: v1
 kind: Namespace
@@ -136,6 +138,23 @@ async fn bad_input_is_reported_and_writes_nothing() {
             .unwrap()
             .to_string()
     };
+    // The server's own startup writes (the `kubernetes` Service and Endpoints) are done
+    // before the baseline is taken.
+    wait_for(
+        Duration::from_secs(30),
+        "the kubernetes Endpoints",
+        || async {
+            let (code, _) = s
+                .call(
+                    Method::GET,
+                    "/api/v1/namespaces/default/endpoints/kubernetes",
+                    None,
+                )
+                .await;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
     let (_, ns_before) = s.call(Method::GET, "/api/v1/namespaces", None).await;
 
     // Malformed YAML in the third document: file, document, line and column; nothing written.

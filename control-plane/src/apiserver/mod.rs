@@ -5,6 +5,7 @@
 
 mod conn;
 mod discovery;
+mod internal;
 mod scale;
 mod watch;
 
@@ -90,6 +91,10 @@ pub struct ApiState {
     pub lists: ListGate,
     pub shutdown: CancellationToken,
     pub server_address: String,
+    /// The cluster CA (PEM), served at `/cacerts`.
+    pub ca_pem: String,
+    /// This server's part in an HA cluster (`None`: a single server that takes no peers).
+    pub cluster: Option<crate::cluster::SharedCluster>,
 }
 
 /// Serve until `shutdown` fires, then stop accepting, end watches, and wait for in-flight
@@ -539,8 +544,22 @@ async fn route_request(
     state: Arc<ApiState>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    if internal::is_internal(req.uri().path()) {
+        return internal::route(state, req).await;
+    }
     let route = parse_route(req.uri().path())?;
     if matches!(route, Route::Health) {
+        // As kube-apiserver's readyz checks etcd: ready once the store has a leader (a
+        // member of a cluster without quorum serves, but is not ready).
+        if req.uri().path().trim_end_matches('/') == "/readyz"
+            && state.objects.store().status().current_leader.is_none()
+        {
+            return Ok(Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(full("the cluster store has no leader"))
+                .expect("valid response"));
+        }
         return Ok(Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/plain")
@@ -776,13 +795,17 @@ impl From<ModuleError> for ApiError {
                 group: "wasmctl.dev".into(),
                 name,
             },
+            ModuleError::TooLarge => ApiError::TooLarge(e.to_string()),
+            ModuleError::Store(e) => e.into(),
+            ModuleError::Corrupt { .. } => ApiError::Internal(e.to_string()),
             ModuleError::Io(e) => ApiError::Internal(format!("module storage: {e}")),
         }
     }
 }
 
 /// `POST /wasm/v1/push?ref=NAME:TAG` (body: the module), `GET /wasm/v1/resolve?ref=NAME:TAG`,
-/// `GET /wasm/v1/blobs/sha256:HEX`.
+/// `GET /wasm/v1/blobs/sha256:HEX`. The registry keeps modules in the cluster store
+/// (`modules.rs`): a push is answered once a majority has it; any server serves a pull.
 async fn modules_route(
     state: &ApiState,
     req: Request<Incoming>,
@@ -801,51 +824,82 @@ async fn modules_route(
             let r = tag_ref()?;
             // A module may be large: the body gets ten times the usual time.
             let within = state.config.timeouts.request_body * 10;
-            let body = collect_body(
-                req.into_body(),
-                modules::MAX_MODULE_BYTES,
-                within,
-                "the module",
-            )
-            .await?;
-            let reg = state.modules.clone();
-            let size = body.len();
-            let r2 = r.clone();
-            let digest = tokio::task::spawn_blocking(move || reg.push(&r2, &body))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))??;
-            tracing::info!(module = %format!("{}:{}", r.name, r.tag), %digest, size, "module pushed");
+            let mut upload = state.modules.upload().await?;
+            spool_module(req.into_body(), &mut upload, within).await?;
+            let (digest, size) = state.modules.push(&r, upload).await?;
+            tracing::info!(module = %r, %digest, size, "module pushed");
             Ok(json_response(
                 StatusCode::CREATED,
-                &json!({ "ref": format!("{}:{}", r.name, r.tag), "digest": digest, "size": size }),
+                &json!({ "ref": r.to_string(), "digest": digest, "size": size }),
             ))
         }
         (Method::GET, ["resolve"]) => {
             let r = tag_ref()?;
-            let (digest, size) = state.modules.resolve(&r)?;
+            let (digest, size) = state.modules.resolve(&r).await?;
             Ok(json_response(
                 StatusCode::OK,
-                &json!({ "ref": format!("{}:{}", r.name, r.tag), "digest": digest, "size": size }),
+                &json!({ "ref": r.to_string(), "digest": digest, "size": size }),
             ))
         }
         (Method::GET, ["blobs", digest]) => {
             let hex = modules::parse_digest(digest)?;
-            match tokio::fs::read(state.modules.blob_path(&hex)).await {
-                Ok(bytes) => Ok(Response::builder()
-                    .status(StatusCode::OK)
-                    .header(header::CONTENT_TYPE, "application/wasm")
-                    .header("docker-content-digest", *digest)
-                    .body(full(bytes))
-                    .expect("valid response")),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    Err(ModuleError::NotFound(digest.to_string()).into())
+            let blob = state.modules.open_blob(&hex).await?;
+            // Streamed from the cache file; a read error ends the body short of its
+            // Content-Length, which the client sees as a failed transfer.
+            let frames = futures_util::stream::unfold(Some(blob.file), |file| async move {
+                use tokio::io::AsyncReadExt;
+                let mut file = file?;
+                let mut buf = bytes::BytesMut::with_capacity(modules::PULL_FRAME_BYTES);
+                match file.read_buf(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(_) => Some((
+                        Ok::<_, Infallible>(http_body::Frame::data(buf.freeze())),
+                        Some(file),
+                    )),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading a cached module");
+                        None
+                    }
                 }
-                Err(e) => Err(ApiError::Internal(format!("reading {digest}: {e}"))),
-            }
+            });
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/wasm")
+                .header(header::CONTENT_LENGTH, blob.size)
+                .header("docker-content-digest", *digest)
+                .body(http_body_util::StreamBody::new(frames).boxed())
+                .expect("valid response"))
         }
         (_, ["push"] | ["resolve"] | ["blobs", _]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::UnknownPath),
     }
+}
+
+/// Spools a push's body into `upload` as it arrives: at most [`modules::MAX_MODULE_BYTES`]
+/// (else 413), all of it within `within` (else 504), refused at its first bytes if it is not
+/// WebAssembly.
+async fn spool_module(
+    body: Incoming,
+    upload: &mut modules::Upload,
+    within: Duration,
+) -> Result<(), ApiError> {
+    let spool = async {
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| ApiError::BadRequest(format!("reading the module: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                upload.write(&data).await?;
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(within, spool).await.map_err(|_| {
+        ApiError::Timeout(format!(
+            "the module did not arrive within {}s",
+            within.as_secs()
+        ))
+    })?
 }
 
 /// `POST .../pods/{name}/binding` (a `v1/Binding`): sets `spec.nodeName` only if the pod is

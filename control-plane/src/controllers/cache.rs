@@ -233,7 +233,13 @@ impl Cache {
 
     /// Replaces the state with a fresh list and reports every key (changed or not: a resync).
     async fn relist(&self) -> Result<u64, StoreError> {
-        let range = self.inner.store.range("", None, 0).await?;
+        // Objects only: the store's own keys (`/wasmctl/...`: module chunks, allocation
+        // records, leases) all sort before "/\u{10FFFF}", and object keys after it.
+        let range = self
+            .inner
+            .store
+            .range("", Some(INTERNAL_KEYS_END), 0)
+            .await?;
         let mut fresh = State::default();
         for kv in &range.items {
             if let Ok(v) = decode_kv(kv) {
@@ -274,6 +280,11 @@ impl Cache {
                 None => return Ok(()),
                 Some(ev) => ev?,
             };
+            if ev.key.starts_with('/') {
+                // The store's own keys are no objects.
+                self.inner.revision.send_replace(ev.revision);
+                continue;
+            }
             let new = match (ev.kind, &ev.value) {
                 (EventKind::Put, Some(kv)) => decode_kv(kv).ok().map(Arc::new),
                 _ => None,
@@ -296,6 +307,9 @@ impl Cache {
         }
     }
 }
+
+/// The last possible key of the store's own (`/`-prefixed) keys: objects come after it.
+const INTERNAL_KEYS_END: &str = "/\u{10FFFF}";
 
 /// `ns` and `name` of a namespaced store key (`replicasets.apps/default/web-1`).
 pub fn split_key(key: &str) -> Option<(&str, &str)> {

@@ -11,6 +11,7 @@
 //! ([`Ctx::catch_up`]); if it does not within [`CATCH_UP`], the key is put back with the
 //! queue's back-off instead of being reconciled on the stale view.
 
+pub mod apiserver_endpoints;
 pub mod cache;
 pub mod deployment;
 pub mod endpoints;

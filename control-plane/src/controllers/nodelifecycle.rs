@@ -387,6 +387,11 @@ pub struct NodeLifecycleController {
     grace: Duration,
     /// When this controller first saw each node (the startup grace).
     first_seen: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// The Raft term in which `first_seen` was filled: a new term means this server has
+    /// just taken over as leader, and, as kube-controller-manager after a restart, it gives
+    /// every node a fresh grace period instead of trusting heartbeats it never watched
+    /// arrive (else a failover after a quiet spell would evict every node's pods).
+    leading_term: Mutex<Option<u64>>,
 }
 
 impl NodeLifecycleController {
@@ -395,6 +400,22 @@ impl NodeLifecycleController {
             ctx,
             grace,
             first_seen: Mutex::new(HashMap::new()),
+            leading_term: Mutex::new(None),
+        }
+    }
+
+    /// Forgets `first_seen` when leadership was taken in a new term.
+    fn on_term(&self, term: u64) {
+        let mut leading = self.leading_term.lock().expect("leading_term lock");
+        if *leading != Some(term) {
+            if leading.is_some() {
+                tracing::info!(
+                    term,
+                    "leading in a new term: every node gets a fresh grace period"
+                );
+            }
+            *leading = Some(term);
+            self.first_seen.lock().expect("first_seen lock").clear();
         }
     }
 
@@ -431,6 +452,7 @@ impl Reconciler for NodeLifecycleController {
                 .remove(name);
             return Ok(None);
         };
+        self.on_term(self.ctx.objects.store().status().term);
         let now = Utc::now();
         let since = self.observed_since(name, now);
         let mut node: Node = decode(&obj, key)?;

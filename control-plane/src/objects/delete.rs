@@ -235,14 +235,22 @@ impl Objects {
         mod_revision: u64,
         current: Value,
     ) -> Result<Value, ApiError> {
-        let res = self
-            .store
-            .write(vec![Op::Delete {
-                key: key.to_string(),
-                precondition: Precondition::ModRevision(mod_revision),
-            }])
-            .await?;
-        match res.into_iter().next() {
+        let op = Op::Delete {
+            key: key.to_string(),
+            precondition: Precondition::ModRevision(mod_revision),
+        };
+        let res = if info.kind == "Service" {
+            // Its allocation records go in the same transaction.
+            let records = self.service_release_ops(&current).await?;
+            match self.write_service(op, records).await? {
+                Ok(result) => Some(result),
+                // A record changed since it was read: the caller reads again.
+                Err(_) => return Err(ApiError::modified(info, name)),
+            }
+        } else {
+            self.store.write(vec![op]).await?.into_iter().next()
+        };
+        match res {
             Some(OpResult::Ok { .. }) => Ok(current),
             Some(OpResult::Conflict { .. }) => Err(ApiError::modified(info, name)),
             Some(OpResult::NotFound) => Err(ApiError::not_found(info, name)),

@@ -136,7 +136,8 @@ impl Objects {
         self.tasks.wait().await;
     }
 
-    /// Create the system namespaces if missing and resume any interrupted namespace deletion.
+    /// Create the system namespaces if missing, resume any interrupted namespace deletion, and
+    /// write the allocation records of Services stored without them.
     pub async fn bootstrap(&self) -> Result<(), ApiError> {
         let ns = registry::resolve("namespaces").expect("namespaces are served");
         for name in SYSTEM_NAMESPACES {
@@ -167,7 +168,7 @@ impl Objects {
                 self.spawn_namespace_cleanup(name, uid);
             }
         }
-        Ok(())
+        self.backfill_service_records().await
     }
 
     fn check_namespace_param(

@@ -3,6 +3,8 @@
 //! one Raft entry, and the pure pieces they use: request-body checks, server-managed metadata,
 //! combining a main-resource or `status` update with the stored object, RFC 7386 merge patch.
 
+use std::collections::BTreeSet;
+
 use rand::Rng;
 use serde_json::{json, Value};
 use wasmctl_api::meta::{ObjectMeta, Time};
@@ -183,24 +185,20 @@ impl Objects {
                 o.remove("status");
             }
         }
-        let mut obj = Self::normalize(info, &meta.name, body)?;
+        let obj = Self::normalize(info, &meta.name, body)?;
         if let Some(ns) = &ns {
             self.ensure_namespace_usable(info, &meta.name, ns).await?;
         }
-        // Held until the write is committed, so no other Service takes the same addresses.
-        let _allocating = match info.kind {
-            "Service" => Some(self.services.lock.lock().await),
-            _ => None,
-        };
+        let key = Self::key(info, ns.as_deref(), &meta.name);
         if info.kind == "Service" {
-            obj = self
-                .allocate_service(info, ns.as_deref(), &meta.name, None, obj)
-                .await?;
+            // Its addresses are allocated and recorded in the same store transaction.
+            return self
+                .create_service(info, ns.as_deref(), &meta.name, &key, obj)
+                .await;
         }
         if info.kind == "Endpoints" {
             self.check_endpoints(info, &meta.name, None, &obj).await?;
         }
-        let key = Self::key(info, ns.as_deref(), &meta.name);
         let bytes = encode_for_store(&obj)?;
         let res = self
             .store
@@ -319,10 +317,8 @@ impl Objects {
         F: FnMut(&Value) -> Result<Value, ApiError>,
     {
         let key = Self::key(info, ns, name);
-        let _allocating = match info.kind {
-            "Service" => Some(self.services.lock.lock().await),
-            _ => None,
-        };
+        // Allocation records another writer took under a previous attempt.
+        let mut raced = BTreeSet::new();
         for _ in 0..MAX_RETRIES {
             let kv = self
                 .store
@@ -357,10 +353,14 @@ impl Objects {
                 next = carry_over_service(&current, next);
             }
             let mut next = Self::normalize(info, name, next)?;
+            // A Service's allocation record ops, committed with its write.
+            let mut records = Vec::new();
             if info.kind == "Service" {
-                next = self
-                    .allocate_service(info, ns, name, Some(&current), next)
+                let alloc = self
+                    .allocate_service(info, ns, name, Some(&current), next, &raced)
                     .await?;
+                next = alloc.service;
+                records = alloc.records;
             }
             if info.kind == "Endpoints" {
                 self.check_endpoints(info, name, Some(&current), &next)
@@ -383,6 +383,9 @@ impl Objects {
                 && meta.deletion_grace_period_seconds.unwrap_or(0) == 0
                 && (info.kind != "Namespace" || !has_spec_finalizers(&next));
             let op = if finished_deleting {
+                if info.kind == "Service" {
+                    records = self.service_release_ops(&current).await?;
+                }
                 Op::Delete {
                     key: key.clone(),
                     precondition: Precondition::ModRevision(kv.mod_revision),
@@ -394,7 +397,19 @@ impl Objects {
                     precondition: Precondition::ModRevision(kv.mod_revision),
                 }
             };
-            match self.store.write(vec![op]).await?.into_iter().next() {
+            let result = if info.kind == "Service" {
+                match self.write_service(op, records).await? {
+                    Ok(result) => Some(result),
+                    Err(race) => {
+                        // Another writer took (or released) an address meanwhile: again.
+                        raced.insert(race.key);
+                        continue;
+                    }
+                }
+            } else {
+                self.store.write(vec![op]).await?.into_iter().next()
+            };
+            match result {
                 Some(OpResult::Ok { revision, .. }) => {
                     set_rv(&mut next, revision);
                     return Ok(next);
@@ -431,6 +446,12 @@ impl Objects {
         let mut sent = Vec::with_capacity(writes.len());
         for w in writes {
             let (info, name, op) = match w {
+                BatchWrite::Update { info, name, .. } if info.kind == "Service" => {
+                    let refused = ApiError::Internal(
+                        "Services keep allocation records: update them with Objects::update".into(),
+                    );
+                    (info, name, Err(refused))
+                }
                 BatchWrite::Update {
                     info,
                     namespace,
@@ -466,6 +487,9 @@ impl Objects {
                 OpResult::Conflict { .. } => Err(ApiError::modified(info, &name)),
                 OpResult::NotFound => Err(ApiError::not_found(info, &name)),
                 OpResult::AlreadyExists => Err(ApiError::already_exists(info, &name)),
+                other => Err(ApiError::Internal(format!(
+                    "unexpected store result {other:?}"
+                ))),
             };
         }
         Ok(results)
