@@ -364,6 +364,26 @@ async fn members_are_removed_and_a_wiped_member_rejoins() {
     );
 }
 
+/// Watches namespaces on `s` from `rv` and appends `(name, resourceVersion)` of each event
+/// to `seen` until it holds `until` events.
+async fn watch_into(s: &ServerProc, rv: &str, until: usize, seen: &mut Vec<(String, u64)>) {
+    use futures_util::StreamExt;
+    let client = s.client();
+    let path = format!("/api/v1/namespaces?watch=true&resourceVersion={rv}");
+    let mut stream = Box::pin(client.watch(&path, None).await.unwrap());
+    while seen.len() < until {
+        let ev = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("an event within 20 s")
+            .expect("the stream goes on")
+            .expect("an event");
+        let meta = &ev["object"]["metadata"];
+        let name = meta["name"].as_str().unwrap().to_owned();
+        let rv: u64 = meta["resourceVersion"].as_str().unwrap().parse().unwrap();
+        seen.push((name, rv));
+    }
+}
+
 /// A watcher that loses its server reconnects to another member from its last
 /// resourceVersion and sees every later event once, in order.
 #[tokio::test(flavor = "multi_thread")]
@@ -388,38 +408,8 @@ async fn a_watch_resumes_on_another_member_without_gap_or_duplicate() {
         expected.push(name);
     }
     // Read the first events from the follower.
-    let client = c.servers[watcher_on].client();
-    let mut last_rv = from.clone();
-    {
-        use futures_util::StreamExt;
-        let mut stream = Box::pin(
-            client
-                .watch(
-                    &format!("/api/v1/namespaces?watch=true&resourceVersion={from}"),
-                    None,
-                )
-                .await
-                .unwrap(),
-        );
-        while seen.len() < 5 {
-            let ev = tokio::time::timeout(Duration::from_secs(20), stream.next())
-                .await
-                .expect("an event within 20 s")
-                .expect("the stream goes on")
-                .expect("an event");
-            let name = ev["object"]["metadata"]["name"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            let rv: u64 = ev["object"]["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            last_rv = rv.to_string();
-            seen.push((name, rv));
-        }
-    }
+    watch_into(&c.servers[watcher_on], &from, 5, &mut seen).await;
+    let last_rv = seen.last().unwrap().1.to_string();
     // The leader dies; more writes land on the new leader.
     c.servers[leader].kill();
     for i in 5..10 {
@@ -434,36 +424,7 @@ async fn a_watch_resumes_on_another_member_without_gap_or_duplicate() {
         expected.push(name);
     }
     // Resume from the last resourceVersion on the other member.
-    let client = c.servers[other].client();
-    {
-        use futures_util::StreamExt;
-        let mut stream = Box::pin(
-            client
-                .watch(
-                    &format!("/api/v1/namespaces?watch=true&resourceVersion={last_rv}"),
-                    None,
-                )
-                .await
-                .unwrap(),
-        );
-        while seen.len() < 10 {
-            let ev = tokio::time::timeout(Duration::from_secs(20), stream.next())
-                .await
-                .expect("an event within 20 s")
-                .expect("the stream goes on")
-                .expect("an event");
-            let name = ev["object"]["metadata"]["name"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            let rv: u64 = ev["object"]["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            seen.push((name, rv));
-        }
-    }
+    watch_into(&c.servers[other], &last_rv, 10, &mut seen).await;
     let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, expected, "every event once, in order");
     assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "{seen:?}");
