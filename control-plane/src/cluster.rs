@@ -326,7 +326,6 @@ pub const NEXT_NODE_ID_KEY: &str = "/wasmctl/cluster/next-node-id";
 pub struct ClusterState {
     pub auth: PeerAuth,
     pub data_dir: PathBuf,
-    pub store: wasmctl_store::Store,
 }
 
 pub type SharedCluster = Arc<ClusterState>;

@@ -185,7 +185,6 @@ impl Server {
             Arc::new(cluster::ClusterState {
                 auth,
                 data_dir: cfg.data_dir.clone(),
-                store: store.clone(),
             })
         });
 

@@ -26,21 +26,14 @@ pub struct Cluster {
     pub servers: Vec<ServerProc>,
     pub token: String,
     pub subnet: u8,
+    /// One port for every member: each has its own IP.
+    pub port: u16,
     pub dir: TempDir,
 }
 
 impl Cluster {
     pub fn listen(&self, n: usize) -> String {
-        format!("127.0.{}.{}:{}", self.subnet, n, self.port(n))
-    }
-
-    fn port(&self, n: usize) -> u16 {
-        // One port per cluster is enough: every member has its own IP.
-        let _ = n;
-        self.servers
-            .first()
-            .map(|s| s.url.rsplit(':').next().unwrap().parse().unwrap())
-            .unwrap()
+        format!("127.0.{}.{}:{}", self.subnet, n, self.port)
     }
 
     pub fn data_dir(&self, n: usize) -> PathBuf {
@@ -75,6 +68,7 @@ impl Cluster {
             servers: vec![first],
             token: token.trim().to_owned(),
             subnet,
+            port,
             dir,
         };
         for i in 2..=n {
@@ -270,7 +264,7 @@ async fn bad_joins_are_refused_and_change_nothing() {
 
     // A data dir of another cluster refuses to start with this cluster's token.
     let mut other = Cluster::form(1).await;
-    let other_listen = other.listen_of_first();
+    let other_listen = other.listen(1);
     other.servers[0].kill();
     let out = run_join(&other.dir.path().join("s1"), &other_listen, &c.token);
     assert!(!out.status.success());
@@ -296,15 +290,6 @@ async fn bad_joins_are_refused_and_change_nothing() {
     }
     let out = s1.wasmctl(&["get", "ns"]);
     assert!(out.status.success(), "{}", stderr(&out));
-}
-
-impl Cluster {
-    fn listen_of_first(&self) -> String {
-        self.servers
-            .first()
-            .map(|s| s.url.trim_start_matches("https://").to_owned())
-            .unwrap_or_else(|| self.listen(1))
-    }
 }
 
 /// `wasmctl cluster remove` refuses what would lose quorum, removes a dead member, and a

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use wasmctl_store::{MemberRole, Op, OpResult, Precondition, Rpc, StoreError};
+use wasmctl_store::{MemberRole, Op, OpResult, Precondition, Rpc};
 
 use super::{collect_body, full, json_response, ApiState, Body};
 use crate::cluster::{
@@ -26,13 +26,6 @@ const MAX_JOIN_BODY: usize = 16 << 10;
 /// Whether `path` is one of the servers' own paths (served before bearer authentication).
 pub fn is_internal(path: &str) -> bool {
     path == "/cacerts" || path.starts_with("/internal/")
-}
-
-fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    let h = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    h.strip_prefix("Bearer ")
-        .or_else(|| h.strip_prefix("bearer "))
-        .map(str::trim)
 }
 
 pub async fn route(
@@ -68,7 +61,7 @@ pub async fn route(
         return Err(ApiError::Unauthorized);
     }
     if path == MEMBERS_PATH && req.method() == Method::GET {
-        return members(&cluster).await;
+        return members(state.objects.store()).await;
     }
     if let Some(id) = path
         .strip_prefix(MEMBERS_PATH)
@@ -80,7 +73,7 @@ pub async fn route(
         let id: u64 = id
             .parse()
             .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a member id")))?;
-        cluster.store.remove_member(id).await?;
+        state.objects.store().remove_member(id).await?;
         return Ok(json_response(
             StatusCode::OK,
             &json!({"kind": "Status", "apiVersion": "v1", "status": "Success",
@@ -97,7 +90,7 @@ async fn raft_rpc(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let auth = &cluster.auth;
-    if !bearer(&req).is_some_and(|t| secret_matches(t, &auth.peer_secret)) {
+    if !super::bearer_token(&req).is_some_and(|t| secret_matches(t, &auth.peer_secret)) {
         return Err(ApiError::Unauthorized);
     }
     let header = |name: &str| {
@@ -124,7 +117,7 @@ async fn raft_rpc(
         "the raft request",
     )
     .await?;
-    let answer = cluster.store.handle_rpc(rpc, &body).await?;
+    let answer = state.objects.store().handle_rpc(rpc, &body).await?;
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -142,7 +135,7 @@ async fn join(
             "this server does not accept joins".to_owned(),
         ));
     };
-    if !bearer(&req).is_some_and(|t| secret_matches(t, join_secret)) {
+    if !super::bearer_token(&req).is_some_and(|t| secret_matches(t, join_secret)) {
         return Err(ApiError::UnauthorizedMessage(
             "the join token's secret is not this cluster's".to_owned(),
         ));
@@ -162,7 +155,7 @@ async fn join(
             "advertise: Invalid value: {advertise:?}: must be IP:PORT"
         )));
     }
-    let store = &cluster.store;
+    let store = state.objects.store();
     if let Some(m) = store.members().into_iter().find(|m| m.addr == advertise) {
         return Err(ApiError::ConflictMessage(format!(
             "{advertise} is already the address of member {} ({:?}); remove it first with \
@@ -231,8 +224,7 @@ async fn allocate_node_id(store: &wasmctl_store::Store) -> Result<u64, ApiError>
     ))
 }
 
-async fn members(cluster: &crate::cluster::ClusterState) -> Result<Response<Body>, ApiError> {
-    let store = &cluster.store;
+async fn members(store: &wasmctl_store::Store) -> Result<Response<Body>, ApiError> {
     let members = store.members();
     let lag = store.replication_lag();
     let statuses = futures_util::future::join_all(
@@ -253,7 +245,7 @@ async fn members(cluster: &crate::cluster::ClusterState) -> Result<Response<Body
             };
             let (term, applied, error) = match status {
                 Ok(s) => (json!(s.term), json!(s.last_applied_index), Value::Null),
-                Err(e) => (Value::Null, Value::Null, json!(unreachable_reason(&e))),
+                Err(e) => (Value::Null, Value::Null, json!(e.to_string())),
             };
             let lag = lag
                 .as_ref()
@@ -272,8 +264,4 @@ async fn members(cluster: &crate::cluster::ClusterState) -> Result<Response<Body
         StatusCode::OK,
         &json!({"leader": leader, "members": items}),
     ))
-}
-
-fn unreachable_reason(e: &StoreError) -> String {
-    e.to_string()
 }

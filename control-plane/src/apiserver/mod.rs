@@ -270,25 +270,16 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
     resp
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The bearer token of a request (`Authorization: Bearer T`), if it has one.
+fn bearer_token(req: &Request<Incoming>) -> Option<&str> {
+    let h = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    h.strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("bearer "))
+        .map(str::trim)
 }
 
 fn authorized(state: &ApiState, req: &Request<Incoming>) -> bool {
-    let Some(h) = req.headers().get(header::AUTHORIZATION) else {
-        return false;
-    };
-    let Ok(h) = h.to_str() else { return false };
-    let Some(token) = h
-        .strip_prefix("Bearer ")
-        .or_else(|| h.strip_prefix("bearer "))
-    else {
-        return false;
-    };
-    constant_time_eq(token.trim().as_bytes(), state.token.as_bytes())
+    bearer_token(req).is_some_and(|t| crate::cluster::secret_matches(t, &state.token))
 }
 
 async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Response<Body> {
